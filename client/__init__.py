@@ -1,0 +1,1 @@
+"""Merchant side: local data, DP-SGD training and evaluation, and the ClientApp."""

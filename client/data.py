@@ -1,0 +1,146 @@
+"""The merchant's local store: read and validate events, quarantine bad rows, build encoded examples.
+
+Events are JSON Lines (`events.jsonl`, one `shared.schema.Event` per line) in the merchant's data
+folder, which is only ever read. Rows that fail validation go to `quarantine.jsonl` in the merchant's
+state folder with their line number and reason; good + quarantined = total, always.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from client.train import Encoded
+from shared.fileio import atomic_write_bytes
+from shared.schema import Event
+from shared.tasks import Candidate, TaskSpec, TaskStats, build_candidates, one_per_customer, split_customers
+from shared.text import serialize, tokenizer_counter
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILE = "events.jsonl"
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@dataclass
+class LoadReport:
+    total: int = 0
+    good: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "row"
+        return f"{where}: {first.get('msg', 'invalid')}"
+    return f"{type(err).__name__}: {err}"
+
+
+def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], LoadReport]:
+    """Validated events of `data_dir/events.jsonl`; bad rows are written to the quarantine file."""
+    path = data_dir / EVENTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {EVENTS_FILE} in data folder {data_dir}; point data-dir at the merchant's event export"
+        )
+    events: list[Event] = []
+    report = LoadReport()
+    bad: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            report.total += 1
+            try:
+                events.append(Event.model_validate(json.loads(line)))
+            except (ValidationError, json.JSONDecodeError, TypeError) as err:
+                reason = _reason(err)
+                key = reason.split(":")[0]
+                report.reasons[key] = report.reasons.get(key, 0) + 1
+                bad.append(
+                    json.dumps(
+                        {"line": line_no, "reason": reason, "row": line.rstrip("\n")}, ensure_ascii=False
+                    )
+                )
+    report.good, report.quarantined = len(events), len(bad)
+    if bad:
+        atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, ("\n".join(bad) + "\n").encode("utf-8"))
+        log.warning(
+            "%d of %d rows quarantined to %s: %s",
+            len(bad),
+            report.total,
+            quarantine_dir / QUARANTINE_FILE,
+            report.reasons,
+        )
+    return events, report
+
+
+@dataclass
+class MerchantData:
+    """One merchant's candidates for one task, split into training and held-out customers."""
+
+    task: TaskSpec
+    candidates: dict[str, list[Candidate]]
+    train_customers: list[str]
+    eval_customers: list[str]
+    stats: TaskStats
+    load_report: LoadReport
+
+    @classmethod
+    def build(
+        cls, events: list[Event], task: TaskSpec, *, eval_fraction: float, salt: str, report: LoadReport
+    ) -> MerchantData:
+        candidates, stats = build_candidates(task, events)
+        train, held_out = split_customers(candidates, eval_fraction=eval_fraction, salt=salt)
+        if not train or not held_out:
+            raise ValueError(
+                f"need customers for both training and evaluation, got {len(train)} and {len(held_out)} "
+                f"from {len(candidates)} customers with a {task.name} example; "
+                "add data or change eval-fraction"
+            )
+        return cls(task, candidates, train, held_out, stats, report)
+
+    def train_round(self, round_seed: object) -> list[Candidate]:
+        """This round's training set: at most one example per training customer."""
+        return one_per_customer(self.candidates, self.train_customers, round_seed=round_seed)
+
+    def evaluation(self) -> list[Candidate]:
+        """The fixed held-out set: one example per evaluation customer, the same every round."""
+        return one_per_customer(self.candidates, self.eval_customers, round_seed="eval")
+
+
+class Encoder:
+    """Serialises candidates to text and tokenises them, caching texts by (session, prefix length)."""
+
+    def __init__(self, tokenizer: object, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._count = tokenizer_counter(tokenizer)
+        self._texts: dict[tuple[str, int], str] = {}
+
+    def text(self, candidate: Candidate) -> str:
+        key = (candidate.session_id, len(candidate.prefix))
+        if key not in self._texts:
+            # two special tokens ([CLS], [SEP]) share the budget with the events
+            self._texts[key] = serialize(
+                candidate.prefix, max_tokens=self.max_length - 2, count_tokens=self._count
+            )
+        return self._texts[key]
+
+    def encode(self, candidates: list[Candidate]) -> Encoded:
+        texts = [self.text(c) for c in candidates]
+        batch = self.tokenizer(  # type: ignore[operator]
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return Encoded(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=torch.tensor([c.label for c in candidates], dtype=torch.long),
+        )

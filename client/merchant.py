@@ -1,0 +1,204 @@
+"""One merchant's side of a round, as plain functions: no Flower here.
+
+`train_round` = load data → pick this round's customers → calibrate noise → charge the ledger →
+DP-SGD → outgoing guard. `evaluate_round` = held-out customers → metrics. Heavy objects (model,
+tokenizer, encoded data) are cached per process: a Flower ClientApp is rebuilt for every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.data import Encoder, MerchantData, load_events
+from client.settings import MerchantSettings
+from client.train import DPSettings, StepPlan, TrainSettings, evaluate, train_dp
+from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
+from shared.config import RunConfig
+from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
+from shared.privacy import BudgetExceededError, Charge, Ledger
+from shared.privacy.calibration import CalibrationError, calibrate_noise
+from shared.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+TRAINED, REFUSED_BUDGET, FAILED = "trained", "refused-budget", "failed"
+
+
+@dataclass
+class RoundOutcome:
+    """What a merchant reports after a training round. `adapter` is None unless status is trained."""
+
+    status: str
+    merchant_id: str
+    epsilon: float
+    delta: float
+    examples: int = 0
+    adapter: AdapterState | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=2)
+def cached_model(backbone: str, num_labels: int, lora: LoraSpec, device: str) -> torch.nn.Module:
+    log.info("building model %s on %s (once per process)", backbone, device)
+    return build_model(backbone, num_labels=num_labels, lora=lora, device=device)
+
+
+@lru_cache(maxsize=2)
+def cached_encoder(backbone: str, max_length: int) -> Encoder:
+    return Encoder(load_tokenizer(backbone), max_length)
+
+
+@lru_cache(maxsize=4)
+def cached_data(data_dir: Path, state_dir: Path, task: str, eval_fraction: float, salt: str) -> MerchantData:
+    events, report = load_events(data_dir, state_dir)
+    data = MerchantData.build(events, get_task(task), eval_fraction=eval_fraction, salt=salt, report=report)
+    log.info(
+        "%s: %d events (%d quarantined), %d train / %d held-out customers",
+        salt,
+        report.good,
+        report.quarantined,
+        len(data.train_customers),
+        len(data.eval_customers),
+    )
+    return data
+
+
+def _prepare(
+    settings: MerchantSettings, cfg: RunConfig
+) -> tuple[torch.nn.Module, Encoder, MerchantData, torch.device]:
+    device = resolve_device(settings.device)
+    backbone = resolve_backbone(cfg.backbone)
+    task = get_task(cfg.task)
+    model = cached_model(backbone, task.num_labels, cfg.lora, str(device))
+    encoder = cached_encoder(backbone, cfg.max_length)
+    data = cached_data(
+        settings.data_dir, settings.state_dir, cfg.task, settings.eval_fraction, settings.merchant_id
+    )
+    return model, encoder, data, device
+
+
+def open_ledger(settings: MerchantSettings) -> Ledger:
+    return Ledger.open(
+        settings.ledger_path,
+        merchant_id=settings.merchant_id,
+        delta=settings.delta,
+        max_epsilon=settings.max_epsilon,
+    )
+
+
+def noise_for_run(ledger: Ledger, *, run_id: str, plan: StepPlan, cfg: RunConfig, floor: float) -> float:
+    """σ for this run: calibrated once for the whole planned horizon against what earlier runs spent
+    (the same answer every round and after restarts), never below the merchant's floor."""
+    earlier = [c for c in ledger.history if c.run_id != run_id]
+    sigma = calibrate_noise(
+        spent=earlier,
+        sample_rate=plan.sample_rate,
+        steps_per_round=plan.steps,
+        rounds=cfg.num_rounds,
+        max_epsilon=ledger.max_epsilon,
+        delta=ledger.delta,
+    )
+    return max(sigma, cfg.noise_multiplier, floor)
+
+
+def train_round(
+    settings: MerchantSettings,
+    cfg: RunConfig,
+    adapter: AdapterState,
+    *,
+    server_round: int,
+    run_id: str,
+    seed: int | None = None,
+) -> RoundOutcome:
+    """Train the global adapter on this merchant's customers with DP-SGD, charging the ledger first."""
+    model, encoder, data, device = _prepare(settings, cfg)
+    ledger = open_ledger(settings)
+    chosen = data.train_round(round_seed=f"{run_id}:{server_round}")
+    plan = StepPlan.of(len(chosen), cfg.batch_size, cfg.local_epochs)
+    try:
+        sigma = noise_for_run(ledger, run_id=run_id, plan=plan, cfg=cfg, floor=settings.min_noise_multiplier)
+        ledger.charge(
+            Charge(
+                round=server_round,
+                run_id=run_id,
+                noise_multiplier=sigma,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+                max_grad_norm=cfg.max_grad_norm,
+            )
+        )
+    except (BudgetExceededError, CalibrationError) as err:
+        log.warning("%s refuses round %d: %s", settings.merchant_id, server_round, err)
+        return RoundOutcome(
+            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err)
+        )
+    # From here on the spend is on disk: whatever happens next, it stays charged.
+    load_adapter(model, adapter)
+    spec = AdapterSpec.of(model)
+    result = train_dp(
+        model,
+        encoder.encode(chosen),
+        settings=TrainSettings(
+            epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate
+        ),
+        dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
+        device=device,
+        seed=seed,
+    )
+    update = outgoing_guard(extract_adapter(model), spec)
+    if not all(bool(torch.isfinite(t).all()) for t in update.values()):
+        return RoundOutcome(
+            FAILED,
+            settings.merchant_id,
+            ledger.epsilon,
+            ledger.delta,
+            reason="training produced non-finite weights; lower learning-rate",
+        )
+    return RoundOutcome(
+        TRAINED,
+        settings.merchant_id,
+        ledger.epsilon,
+        ledger.delta,
+        examples=result.examples,
+        adapter=update,
+        metrics={
+            "train_loss": result.loss if math.isfinite(result.loss) else -1.0,
+            "noise_multiplier": sigma,
+            "steps": float(result.steps),
+        },
+    )
+
+
+def evaluate_round(settings: MerchantSettings, cfg: RunConfig, adapter: AdapterState) -> dict[str, Any]:
+    """Metrics of `adapter` on this merchant's held-out customers, plus its current epsilon."""
+    model, encoder, data, device = _prepare(settings, cfg)
+    load_adapter(model, adapter)
+    result = evaluate(
+        model, encoder.encode(data.evaluation()), batch_size=max(cfg.batch_size, 64), device=device
+    )
+    ledger = open_ledger(settings)
+    metrics: dict[str, Any] = {
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "macro_f1": result.macro_f1,
+        "examples": result.examples,
+        "epsilon": ledger.epsilon,
+        "delta": ledger.delta,
+    }
+    if result.auc is not None:
+        metrics["auc"] = result.auc
+    return metrics

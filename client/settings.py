@@ -1,0 +1,83 @@
+"""The merchant's own settings: where its data and state live and its privacy budget.
+
+They come from the SuperNode's node config (`--node-config`), or from a `merchant.json` file in the
+merchant folder, never from the coordinator: max-epsilon and delta are the merchant's decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SETTINGS_FILE = "merchant.json"
+
+
+class MerchantSettings(BaseModel):
+    """Where the merchant's data is, where its ledger goes, and how much privacy it may spend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merchant_id: str = Field(min_length=1)
+    data_dir: Path
+    state_dir: Path
+    max_epsilon: float = Field(8.0, gt=0.0)
+    delta: float = Field(1e-6, gt=0.0, lt=1e-2, description="well below 1/customers")
+    min_noise_multiplier: float = Field(0.3, ge=0.0, description="floor, whatever the server suggests")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "privacy-ledger.json"
+
+    @classmethod
+    def from_merchant_dir(cls, folder: Path, **overrides: Any) -> MerchantSettings:
+        """Settings of a merchant folder: `merchant.json` there, data in it, state in `folder/state`."""
+        path = folder / SETTINGS_FILE
+        values: dict[str, Any] = {"data_dir": folder, "state_dir": folder / "state"}
+        if path.exists():
+            try:
+                values.update(json.loads(path.read_text(encoding="utf-8")))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+        values.update(overrides)
+        return cls.parse(values, source=str(path))
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], *, source: str) -> MerchantSettings:
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"invalid merchant settings in {source}: {problems}") from None
+
+
+def from_node_config(node_config: Mapping[str, Any], sim_root: str) -> MerchantSettings:
+    """Merchant settings from a SuperNode's node config.
+
+    A deployed merchant sets `merchant-dir` (a folder with `merchant.json`) or the individual keys
+    `merchant-id`, `data-dir`, `state-dir`, `max-epsilon`, `delta`. A simulated merchant has only
+    `partition-id`; its folder is `<sim-root>/merchant-<partition-id>`.
+    """
+    keys = {
+        k.replace("-", "_"): v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")
+    }
+    folder = keys.pop("merchant_dir", None)
+    if folder is not None:
+        return MerchantSettings.from_merchant_dir(Path(str(folder)), **keys)
+    if "data_dir" in keys:
+        keys.setdefault("state_dir", Path(str(keys["data_dir"])) / "state")
+        return MerchantSettings.parse(keys, source="node config")
+    if "partition-id" in node_config and sim_root:
+        return MerchantSettings.from_merchant_dir(
+            Path(sim_root) / f"merchant-{int(node_config['partition-id'])}"
+        )
+    raise ValueError(
+        "this SuperNode has no merchant settings: start it with "
+        "--node-config \"merchant-dir='/path/to/merchant'\" "
+        "(a folder with merchant.json and events.jsonl)"
+    )

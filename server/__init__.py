@@ -1,0 +1,1 @@
+"""Coordinator side: adapter aggregation, checkpoints, metrics and the ServerApp."""

@@ -1,0 +1,133 @@
+"""Flower ServerApp: parse the run config, wrap the Grid as a `Federation`, run the `Coordinator`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.coordinator import FAILED, Coordinator, Reply
+from shared import protocol
+from shared.adapters import AdapterState
+from shared.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT_S = 600.0
+
+
+class GridFederation:
+    """The coordinator's view of Flower's Grid: node ids, and train/evaluate round trips."""
+
+    def __init__(self, grid: Grid, run_key: str, timeout: float | None) -> None:
+        self.grid, self.run_key, self.timeout = grid, run_key, timeout
+
+    def node_ids(self, minimum: int) -> list[int]:
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= minimum:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} merchants connected after {NODE_WAIT_S:.0f} s, "
+                    f"need min-available-nodes={minimum}"
+                )
+            time.sleep(1.0)
+
+    def _round_trip(
+        self, kind: str, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
+    ) -> list[Reply]:
+        content = RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord(adapter),
+                protocol.CONFIG: ConfigRecord(cfg.to_record()),
+                protocol.ROUND: ConfigRecord(
+                    {protocol.SERVER_ROUND: server_round, protocol.RUN_KEY: self.run_key}
+                ),
+            }
+        )
+        messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+        replies = {
+            m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=self.timeout)
+        }
+        return [decode_reply(n, replies.get(n)) for n in nodes]
+
+    def train(
+        self, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
+    ) -> list[Reply]:
+        return self._round_trip(MessageType.TRAIN, nodes, adapter, cfg, server_round)
+
+    def evaluate(
+        self, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
+    ) -> list[Reply]:
+        return self._round_trip(MessageType.EVALUATE, nodes, adapter, cfg, server_round)
+
+
+def decode_reply(node_id: int, msg: Message | None) -> Reply:
+    """A `Reply` from a Flower message; a missing or errored message is a `failed` reply."""
+    if msg is None:
+        return Reply(node_id, FAILED, reason="no reply before the round timeout")
+    if msg.has_error():
+        return Reply(node_id, FAILED, reason=f"client error: {msg.error.reason}")
+    status = msg.content[protocol.STATUS]
+    arrays = msg.content.array_records.get(protocol.ARRAYS)
+    return Reply(
+        node_id=node_id,
+        status=str(status["status"]),
+        merchant_id=str(status.get("merchant-id", "")),
+        adapter=arrays.to_torch_state_dict() if arrays is not None else None,
+        metrics={k: float(v) for k, v in msg.content[protocol.METRICS].items()},  # type: ignore[arg-type]
+        bytes_up=sum(len(a.data) for a in arrays.values()) if arrays is not None else 0,
+        reason=str(status.get("reason", "")),
+    )
+
+
+def home() -> Path:
+    return Path(os.environ.get("FEDBEHAVIOR_HOME", Path.home() / ".fedbehavior"))
+
+
+def resolve_paths(cfg: RunConfig, run_id: int | str) -> RunConfig:
+    """Fill in run name, runs folder and (simulation) merchants folder, all absolute."""
+    name = cfg.run_name or f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{run_id}"
+    runs = Path(cfg.runs_dir).expanduser().resolve() if cfg.runs_dir else home() / "runs"
+    sim_root = cfg.sim_root or str(runs / name / "merchants")
+    return cfg.model_copy(
+        update={"run_name": name, "runs_dir": str(runs), "sim_root": str(Path(sim_root).resolve())}
+    )
+
+
+def run_federated(
+    grid: Grid, run_config: Mapping[str, Any], run_id: int | str, *, resume: bool = False
+) -> Path:
+    cfg = resolve_paths(RunConfig.parse(run_config), run_id)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    log.info("run %s → %s", cfg.run_name, run_dir)
+    federation = GridFederation(grid, run_key=cfg.run_name, timeout=None)
+    return Coordinator(cfg, federation, run_dir).run(resume=resume)
+
+
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is `[tool.flwr.app.config]` overridden by `overrides`.
+
+    `run_simulation` passes an empty run config, so the simulation runner hands its values in here.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        values = {**dict(context.run_config), **dict(overrides or {})}
+        run_dir = run_federated(grid, values, context.run_id)
+        print(f"run folder: {run_dir}", flush=True)
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,192 @@
+"""The round loop of a run, independent of Flower: sample → train → validate → FedAvg → checkpoint →
+evaluate → metrics. A `Federation` (Flower's Grid in production, plain calls in tests) carries the
+messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.checkpoint import load_latest, save_checkpoint
+from server.export import export_final
+from server.metrics import GLOBAL_KEYS, MetricsLog
+from server.strategy import Update, fedavg, validate_update, weighted_metrics
+from shared.adapters import AdapterSpec, AdapterState, extract_adapter
+from shared.config import RunConfig
+from shared.model import build_model
+from shared.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+TRAINED, REFUSED, REJECTED, FAILED = "trained", "refused-budget", "rejected-update", "failed"
+
+
+class NoMerchantTrainedError(RuntimeError):
+    """A round ended with no usable update: the run stops instead of silently keeping old weights."""
+
+
+@dataclass
+class Reply:
+    """A merchant's answer to a train or evaluate request, already decoded from the transport."""
+
+    node_id: int
+    status: str
+    merchant_id: str = ""
+    adapter: AdapterState | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.merchant_id or f"node-{self.node_id}"
+
+
+class Federation(Protocol):
+    """How the coordinator reaches merchants."""
+
+    def node_ids(self, minimum: int) -> list[int]: ...
+
+    def train(
+        self, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
+    ) -> list[Reply]: ...
+
+    def evaluate(
+        self, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
+    ) -> list[Reply]: ...
+
+
+def sample_nodes(nodes: Sequence[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
+    """max(minimum, ⌈fraction·n⌉) nodes (at most n), drawn without replacement."""
+    k = min(len(nodes), max(minimum, round(fraction * len(nodes))))
+    return sorted(rng.sample(sorted(nodes), k))
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+
+class Coordinator:
+    """Runs `cfg.num_rounds` rounds of adapter FedAvg over a `Federation`, writing the run folder."""
+
+    def __init__(
+        self, cfg: RunConfig, federation: Federation, run_dir: Path, *, console: bool = True
+    ) -> None:
+        self.cfg = cfg
+        self.federation = federation
+        self.paths = RunPaths(run_dir)
+        self.metrics = MetricsLog(self.paths.metrics, out=sys.stdout if console else None)
+        self.model = build_model(
+            cfg.backbone, num_labels=get_task(cfg.task).num_labels, lora=cfg.lora, init_seed=cfg.seed
+        )
+        self.rng = random.Random(cfg.seed)
+        self.last_status: dict[str, dict[str, Any]] = {}
+
+    def run(self, *, resume: bool = False) -> Path:
+        """Run every planned round (or the rest of them with `resume`) and export `final/`."""
+        adapter = extract_adapter(self.model)
+        start = 1
+        restored = load_latest(self.paths.checkpoints) if resume else None
+        if restored is not None:
+            done, adapter = restored
+            AdapterSpec.of(self.model).check(adapter, what="checkpoint")
+            start = done + 1
+            log.info("resuming after round %d from %s", done, self.paths.checkpoints)
+        t0 = time.monotonic()
+        if start == 1:
+            self._evaluate(adapter, 0, {}, t0)
+        last: dict[str, Any] = {}
+        for server_round in range(start, self.cfg.num_rounds + 1):
+            adapter, merchants = self._train(adapter, server_round)
+            save_checkpoint(self.paths.checkpoints, server_round, adapter, {"run": self.paths.root.name})
+            last = self._evaluate(adapter, server_round, merchants, t0)
+        export_final(self.model, adapter, self.paths.final, self.cfg, last, self.last_status)
+        return self.paths.root
+
+    def _train(
+        self, adapter: AdapterState, server_round: int
+    ) -> tuple[AdapterState, dict[str, dict[str, Any]]]:
+        cfg = self.cfg
+        nodes = sample_nodes(
+            self.federation.node_ids(cfg.min_available_nodes),
+            cfg.fraction_train,
+            cfg.min_train_nodes,
+            self.rng,
+        )
+        replies = self.federation.train(nodes, adapter, cfg, server_round)
+        accepted: list[Update] = []
+        merchants: dict[str, dict[str, Any]] = {}
+        for reply in replies:
+            status = reply.status
+            if status == TRAINED:
+                update = Update(reply.name, reply.adapter or {}, int(reply.metrics.get("examples", 0)))
+                reason = validate_update(update, adapter)
+                if reason is None:
+                    accepted.append(update)
+                else:
+                    status = REJECTED
+                    log.warning("round %d: update of %s rejected: %s", server_round, reply.name, reason)
+            elif reply.reason:
+                log.warning("round %d: %s %s: %s", server_round, reply.name, status, reply.reason)
+            merchants[reply.name] = {
+                "status": status,
+                "epsilon": reply.metrics.get("epsilon"),
+                "delta": reply.metrics.get("delta"),
+                "examples": int(reply.metrics.get("examples", 0)),
+                "train_loss": reply.metrics.get("train_loss"),
+                "bytes_up": reply.bytes_up,
+            }
+        self.last_status.update({k: dict(v) for k, v in merchants.items()})
+        if not accepted:
+            summary = ", ".join(f"{k}: {v['status']}" for k, v in merchants.items()) or "no replies"
+            raise NoMerchantTrainedError(
+                f"round {server_round}: no merchant produced a usable update ({summary})"
+            )
+        return fedavg(accepted), merchants
+
+    def _evaluate(
+        self, adapter: AdapterState, server_round: int, merchants: dict[str, dict[str, Any]], t0: float
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        nodes = sample_nodes(
+            self.federation.node_ids(cfg.min_available_nodes),
+            cfg.fraction_evaluate,
+            cfg.min_evaluate_nodes,
+            self.rng,
+        )
+        replies = [
+            r for r in self.federation.evaluate(nodes, adapter, cfg, server_round) if r.status == "evaluated"
+        ]
+        if not replies:
+            raise NoMerchantTrainedError(f"round {server_round}: no merchant returned an evaluation")
+        for r in replies:  # evaluation also reports each merchant's current epsilon
+            entry = self.last_status.setdefault(r.name, {"status": "-"})
+            entry.update(epsilon=r.metrics.get("epsilon"), delta=r.metrics.get("delta"))
+        row = {
+            "round": server_round,
+            "time_s": round(time.monotonic() - t0, 3),
+            "global": weighted_metrics([r.metrics for r in replies], GLOBAL_KEYS),
+            "merchants": merchants,
+        }
+        self.metrics.write(row)
+        return row

@@ -1,0 +1,73 @@
+"""The final artefact: the global adapter in PEFT format plus a model card with the DP settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.adapters import AdapterState, load_adapter
+from shared.config import RunConfig
+from shared.model import resolve_backbone
+from shared.tasks import get_task
+
+
+def export_final(
+    model: torch.nn.Module,
+    adapter: AdapterState,
+    folder: Path,
+    cfg: RunConfig,
+    last_row: dict[str, Any],
+    epsilons: dict[str, dict[str, Any]],
+) -> Path:
+    """Save `adapter` with `save_pretrained` (loadable by `PeftModel.from_pretrained`) and a README."""
+    load_adapter(model, adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))  # type: ignore[operator]
+    (folder / "README.md").write_text(model_card(cfg, last_row, epsilons), encoding="utf-8")
+    return folder
+
+
+def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dict[str, Any]]) -> str:
+    task = get_task(cfg.task)
+    g = last_row.get("global", {})
+    lines = [
+        f"# fedbehavior adapter: {task.name}",
+        "",
+        f"LoRA adapter and classifier head for `{resolve_backbone(cfg.backbone)}`, trained with federated "
+        "averaging over merchants, each running DP-SGD (Opacus) on its own customers.",
+        "",
+        "Load it with `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(backbone, "
+        f"num_labels={task.num_labels}), this_folder)`. Labels: {', '.join(task.labels)}.",
+        "",
+        "## Differential privacy",
+        "",
+        "- privacy unit: one customer (at most one example per customer in each round's training set)",
+        "- mechanism: DP-SGD, Poisson sampling, per-example clipping at "
+        f"max-grad-norm {cfg.max_grad_norm}, Gaussian noise calibrated by each merchant from its own budget",
+        "- accountant: RDP (Rényi DP) of the subsampled Gaussian, composed over every round and run",
+        f"- rounds: {last_row.get('round', 0)} of {cfg.num_rounds} planned; local epochs {cfg.local_epochs}, "
+        f"batch size {cfg.batch_size}",
+        "",
+        "| merchant | epsilon | delta | status in last round |",
+        "|---|---|---|---|",
+    ]
+    for merchant, info in sorted(epsilons.items()):
+        lines.append(
+            f"| {merchant} | {info.get('epsilon', float('nan')):.3f} | {info.get('delta')} | "
+            f"{info.get('status', '-')} |"
+        )
+    lines += [
+        "",
+        "Each merchant's guarantee is (epsilon, delta)-DP with respect to adding or removing one of its "
+        "customers, for everything its adapter updates reveal. Scalar metrics (example counts, training "
+        "loss, held-out evaluation metrics) are reported without noise.",
+        "",
+        "## Federated evaluation (last round, held-out customers, weighted by examples)",
+        "",
+    ]
+    for key in ("accuracy", "macro_f1", "auc", "loss", "examples"):
+        if g.get(key) is not None:
+            lines.append(f"- {key}: {g[key]:.4f}" if key != "examples" else f"- {key}: {int(g[key])}")
+    return "\n".join(lines) + "\n"

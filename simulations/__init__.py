@@ -1,0 +1,1 @@
+"""Local simulation: synthetic merchants, the simulation runner and benchmarks."""

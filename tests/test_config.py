@@ -1,0 +1,124 @@
+"""Tests of shared/config.py: RunConfig defaults, validation and round trip."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.config import RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@pytest.fixture(scope="module")
+def toml_defaults() -> dict[str, object]:
+    with PYPROJECT.open("rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def test_defaults_match_pyproject_key_by_key(toml_defaults: dict[str, object]) -> None:
+    record = RunConfig().to_record()
+    assert set(record) == set(toml_defaults)
+    for key, value in toml_defaults.items():
+        assert record[key] == value, key
+        assert type(record[key]) is type(value), key
+
+
+def test_pyproject_config_parses_to_defaults(toml_defaults: dict[str, object]) -> None:
+    assert RunConfig.parse(toml_defaults) == RunConfig()
+
+
+def test_unknown_key_is_rejected_and_named() -> None:
+    with pytest.raises(ValueError, match="num-roundz"):
+        RunConfig.parse({"num-roundz": 5})
+
+
+def test_snake_case_unknown_key_is_named() -> None:
+    with pytest.raises(ValueError, match="bogus_key"):
+        RunConfig.parse({"bogus_key": 1})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num-rounds", "abc"),
+        ("num-rounds", 0),
+        ("batch-size", 1.5),
+        ("learning-rate", "fast"),
+        ("fraction-train", 1.5),
+        ("lora-dropout", 1.0),
+        ("max-length", 4),
+        ("task", "no-such-task"),
+    ],
+)
+def test_bad_value_names_the_key(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=key):
+        RunConfig.parse({key: value})
+
+
+def test_error_names_every_bad_key() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig.parse({"num-rounds": "abc", "batch-size": 0, "nope": 1})
+    message = str(info.value)
+    for key in ("num-rounds", "batch-size", "nope"):
+        assert key in message
+
+
+def test_parse_kebab_case_values() -> None:
+    cfg = RunConfig.parse({"num-rounds": 7, "task": "next-behavior", "learning-rate": 0.5, "seed": 3})
+    assert cfg.num_rounds == 7
+    assert cfg.task == "next-behavior"
+    assert cfg.learning_rate == 0.5
+    assert cfg.seed == 3
+    assert cfg.batch_size == 64  # untouched default
+
+
+def test_to_record_round_trips() -> None:
+    cfg = RunConfig.parse(
+        {
+            "task": "next-behavior",
+            "num-rounds": 11,
+            "fraction-train": 0.5,
+            "lora-target-modules": "query,key,value",
+            "run-name": "exp-1",
+            "noise-multiplier": 1.25,
+        }
+    )
+    record = cfg.to_record()
+    assert all("_" not in key for key in record)
+    assert record["num-rounds"] == 11
+    assert RunConfig.parse(record) == cfg
+    assert RunConfig.parse(RunConfig().to_record()) == RunConfig()
+
+
+def test_config_is_frozen() -> None:
+    cfg = RunConfig()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError on frozen models
+        cfg.num_rounds = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("modules", "expected"),
+    [
+        ("query, value", ("query", "value")),
+        ("query,value", ("query", "value")),
+        (" query ,key, value ,", ("query", "key", "value")),
+        ("dense", ("dense",)),
+    ],
+)
+def test_lora_property_parses_target_modules(modules: str, expected: tuple[str, ...]) -> None:
+    cfg = RunConfig.parse(
+        {"lora-target-modules": modules, "lora-r": 4, "lora-alpha": 32, "lora-dropout": 0.1}
+    )
+    lora = cfg.lora
+    assert lora.target_modules == expected
+    assert lora.r == 4
+    assert lora.alpha == 32
+    assert lora.dropout == 0.1
