@@ -53,14 +53,15 @@ def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], Load
     events: list[Event] = []
     report = LoadReport()
     bad: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             report.total += 1
             try:
-                events.append(Event.model_validate(json.loads(line)))
-            except (ValidationError, json.JSONDecodeError, TypeError) as err:
+                events.append(Event.model_validate(json.loads(raw.decode("utf-8"))))
+            except (ValidationError, ValueError, TypeError) as err:  # JSON and UTF-8 errors are ValueErrors
                 reason = _reason(err)
                 key = reason.split(":")[0]
                 report.reasons[key] = report.reasons.get(key, 0) + 1
@@ -70,8 +71,9 @@ def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], Load
                     )
                 )
     report.good, report.quarantined = len(events), len(bad)
+    # rewritten on every load, so it never lists rows of an earlier, since corrected, export
+    atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, "".join(b + "\n" for b in bad).encode("utf-8"))
     if bad:
-        atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, ("\n".join(bad) + "\n").encode("utf-8"))
         log.warning(
             "%d of %d rows quarantined to %s: %s",
             len(bad),

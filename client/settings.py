@@ -45,6 +45,9 @@ class MerchantSettings(BaseModel):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
         values.update(overrides)
+        for key in ("data_dir", "state_dir"):  # relative paths are relative to the merchant folder
+            if not Path(values[key]).is_absolute():
+                values[key] = folder / values[key]
         return cls.parse(values, source=str(path))
 
     @classmethod

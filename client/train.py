@@ -101,7 +101,6 @@ def train_dp(
     model.train()  # evaluation switched it off; Opacus needs activations recorded
     loader = DataLoader(data.dataset(), batch_size=settings.batch_size, shuffle=False)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=settings.learning_rate)
-    criterion = torch.nn.CrossEntropyLoss()
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the RNG it uses
@@ -113,29 +112,42 @@ def train_dp(
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
         )
-    losses: list[float] = []
-    steps = 0
     rng_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=rng_devices):  # never disturb (or reuse) the global RNG
+        with torch.random.fork_rng(devices=rng_devices), warnings.catch_warnings():
+            # a fresh seed in a forked RNG: never disturb, nor reuse, the global RNG
             torch.manual_seed(secrets.randbits(63) if seed is None else seed)
-            for _ in range(settings.epochs):
-                for input_ids, attention_mask, labels in dp_loader:
-                    steps += 1
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    if labels.numel() == 0:  # Poisson sampling can draw an empty batch
-                        continue
-                    logits = private_model(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-                    ).logits
-                    loss = criterion(logits, labels.to(device))
-                    loss.backward()
-                    dp_optimizer.step()
-                    losses.append(float(loss.detach()))
+            # PyTorch warns that no input requires grad: expected, the embeddings are frozen
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses, steps = _run_epochs(private_model, dp_optimizer, dp_loader, settings.epochs, device)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         private_model.to_standard_module()  # removes hooks and grad_sample attributes (after zero_grad)
     return TrainResult(loss=float(np.mean(losses)) if losses else math.nan, steps=steps, examples=len(data))
+
+
+def _run_epochs(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    epochs: int,
+    device: torch.device,
+) -> tuple[list[float], int]:
+    criterion = torch.nn.CrossEntropyLoss()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(epochs):
+        for input_ids, attention_mask, labels in loader:
+            steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            if labels.numel() == 0:  # Poisson sampling can draw an empty batch
+                continue
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            loss = criterion(logits, labels.to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return losses, steps
 
 
 @torch.no_grad()

@@ -29,6 +29,10 @@ def export_final(
     return folder
 
 
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
 def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dict[str, Any]]) -> str:
     task = get_task(cfg.task)
     g = last_row.get("global", {})
@@ -55,8 +59,7 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
     ]
     for merchant, info in sorted(epsilons.items()):
         lines.append(
-            f"| {merchant} | {info.get('epsilon', float('nan')):.3f} | {info.get('delta')} | "
-            f"{info.get('status', '-')} |"
+            f"| {merchant} | {_num(info.get('epsilon'))} | {info.get('delta')} | {info.get('status', '-')} |"
         )
     lines += [
         "",

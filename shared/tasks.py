@@ -145,7 +145,7 @@ def split_customers(
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     threshold = int(eval_fraction * 2**64)
     train, held_out = [], []
-    for customer in sorted(customers):
+    for customer in sorted(set(customers)):
         (held_out if stable_hash("split", salt, customer) < threshold else train).append(customer)
     return train, held_out
 
@@ -155,7 +155,7 @@ def one_per_customer(
 ) -> list[Candidate]:
     """At most one candidate per customer: the privacy unit of every round's training set."""
     chosen = []
-    for customer in sorted(customers):
+    for customer in sorted(set(customers)):  # a repeated customer must never yield two examples
         options = candidates.get(customer)
         if options:
             chosen.append(options[stable_hash("pick", round_seed, customer) % len(options)])

@@ -72,7 +72,8 @@ def serialize(
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    ordered = sorted(events, key=lambda e: (e.timestamp, e.behavior.value, e.item_id or "", e.query or ""))
+    # ties in time are broken by the full content, so the input order never matters
+    ordered = sorted(events, key=lambda e: (e.timestamp, e.model_dump_json()))
     phrases = [event_phrase(e) for e in ordered]
     counts = count_tokens(phrases)
     sep_cost = count_tokens([SEPARATOR.strip()])[0] if phrases else 0

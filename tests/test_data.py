@@ -1,0 +1,230 @@
+"""Tests of client/data.py (load_events, quarantine) and client/settings.py (merchant settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.data import EVENTS_FILE, QUARANTINE_FILE, load_events
+from client.settings import SETTINGS_FILE, MerchantSettings, from_node_config
+from shared.schema import Behavior
+
+
+def good_row(i: int, **extra: object) -> str:
+    row: dict[str, object] = {
+        "customer_id": f"c{i % 3}",
+        "session_id": f"s{i % 5}",
+        "timestamp": f"2024-06-01T10:{i:02d}:00+00:00",
+        "behavior": "view",
+        "item_id": f"item{i}",
+    }
+    row.update(extra)
+    return json.dumps(row, ensure_ascii=False)
+
+
+BAD_ROWS = {
+    "not-json": "{this is not json",
+    "missing-customer": json.dumps(
+        {"session_id": "s1", "timestamp": "2024-06-01T10:00:00", "behavior": "view", "item_id": "i"}
+    ),
+    "negative-price": good_row(50, price=-1.0),
+    "unknown-behaviour": good_row(51, behavior="teleport"),
+    "search-without-query": json.dumps(
+        {"customer_id": "c1", "session_id": "s1", "timestamp": "2024-06-01T10:00:00", "behavior": "search"}
+    ),
+    "json-array": "[1, 2, 3]",
+}
+
+
+def write_events(folder: Path, lines: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVENTS_FILE
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def test_load_events_good_and_quarantined(tmp_path: Path) -> None:
+    data_dir, state_dir = tmp_path / "data", tmp_path / "state"
+    lines = [
+        good_row(0),
+        BAD_ROWS["not-json"],
+        good_row(1, behavior="pv", title="iPhone 12 手机", price=5999),
+        BAD_ROWS["missing-customer"],
+        "",  # blank lines are skipped but still counted in line numbers
+        good_row(2, behavior="search", query="手机", item_id=None),
+        BAD_ROWS["negative-price"],
+        BAD_ROWS["unknown-behaviour"],
+        good_row(3, behavior="review", rating=5),
+        BAD_ROWS["search-without-query"],
+        BAD_ROWS["json-array"],
+        good_row(4, behavior="buy", price=19.9),
+    ]
+    path = write_events(data_dir, lines)
+    before = path.read_bytes()
+
+    events, report = load_events(data_dir, state_dir)
+
+    assert path.read_bytes() == before  # the data folder is only read
+    assert report.total == 11
+    assert report.good == len(events) == 5
+    assert report.quarantined == 6
+    assert report.good + report.quarantined == report.total
+    assert sum(report.reasons.values()) == report.quarantined
+    assert [e.behavior for e in events] == [
+        Behavior.VIEW,
+        Behavior.VIEW,
+        Behavior.SEARCH,
+        Behavior.REVIEW,
+        Behavior.BUY,
+    ]
+    assert events[1].title == "iPhone 12 手机"
+
+    quarantine = state_dir / QUARANTINE_FILE
+    assert quarantine.exists()
+    assert not (data_dir / QUARANTINE_FILE).exists()
+    records = [json.loads(line) for line in quarantine.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == report.quarantined
+    expected_lines = [i + 1 for i, line in enumerate(lines) if line and line in BAD_ROWS.values()]
+    assert [r["line"] for r in records] == expected_lines == [2, 4, 7, 8, 10, 11]
+    for r in records:
+        assert isinstance(r["reason"], str)
+        assert r["reason"]
+        assert r["row"] == lines[r["line"] - 1]  # the raw row, for the merchant to fix
+    by_line = {r["line"]: r["reason"] for r in records}
+    assert "customer_id" in by_line[4]
+    assert "price" in by_line[7]
+    assert "teleport" in by_line[8]
+    assert "query" in by_line[10]
+
+
+def test_load_events_all_good_writes_an_empty_quarantine(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_events(data_dir, [good_row(i) for i in range(10)])
+    events, report = load_events(data_dir, tmp_path / "state")
+    assert len(events) == report.good == report.total == 10
+    assert report.quarantined == 0
+    assert (tmp_path / "state" / QUARANTINE_FILE).read_text(encoding="utf-8") == ""
+
+
+def test_load_events_quarantine_reflects_latest_load(tmp_path: Path) -> None:
+    data_dir, state_dir = tmp_path / "data", tmp_path / "state"
+    write_events(data_dir, [good_row(0), BAD_ROWS["not-json"]])
+    load_events(data_dir, state_dir)
+    write_events(data_dir, [good_row(0), good_row(1)])
+    _, report = load_events(data_dir, state_dir)
+    assert report.quarantined == 0
+    quarantine = state_dir / QUARANTINE_FILE
+    assert not quarantine.exists() or quarantine.read_text(encoding="utf-8").strip() == ""
+
+
+def test_load_events_quarantines_invalid_utf8_row(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / EVENTS_FILE).write_bytes(
+        good_row(0).encode() + b"\n\xff\xfe garbage\n" + good_row(1).encode()
+    )
+    events, report = load_events(data_dir, tmp_path / "state")
+    assert len(events) == 2
+    assert report.quarantined == 1
+
+
+def test_load_events_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=EVENTS_FILE):
+        load_events(tmp_path, tmp_path / "state")
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def write_merchant(folder: Path, **values: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SETTINGS_FILE).write_text(json.dumps(values), encoding="utf-8")
+    return folder
+
+
+def test_from_merchant_dir_reads_merchant_json(tmp_path: Path) -> None:
+    folder = write_merchant(
+        tmp_path / "m1", merchant_id="shop-1", max_epsilon=3.5, delta=1e-7, eval_fraction=0.3
+    )
+    s = MerchantSettings.from_merchant_dir(folder)
+    assert s.merchant_id == "shop-1"
+    assert s.max_epsilon == 3.5
+    assert s.delta == 1e-7
+    assert s.eval_fraction == 0.3
+    assert s.data_dir == folder
+    assert s.state_dir == folder / "state"
+    assert s.ledger_path == folder / "state" / "privacy-ledger.json"
+    assert s.min_noise_multiplier == 0.3  # default
+
+
+def test_from_merchant_dir_overrides_win(tmp_path: Path) -> None:
+    folder = write_merchant(tmp_path / "m1", merchant_id="shop-1", max_epsilon=3.5)
+    s = MerchantSettings.from_merchant_dir(folder, max_epsilon=1.0)
+    assert s.max_epsilon == 1.0
+
+
+def test_from_merchant_dir_invalid_json(tmp_path: Path) -> None:
+    folder = tmp_path / "m1"
+    folder.mkdir()
+    (folder / SETTINGS_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MerchantSettings.from_merchant_dir(folder)
+
+
+def test_from_merchant_dir_without_file_needs_merchant_id(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="merchant_id"):
+        MerchantSettings.from_merchant_dir(tmp_path)
+
+
+def test_from_node_config_merchant_dir(tmp_path: Path) -> None:
+    folder = write_merchant(tmp_path / "m2", merchant_id="shop-2", delta=1e-5)
+    s = from_node_config({"merchant-dir": str(folder)}, sim_root="")
+    assert s == MerchantSettings.from_merchant_dir(folder)
+    assert s.merchant_id == "shop-2"
+    assert s.delta == 1e-5
+    # kebab-case keys next to merchant-dir override merchant.json
+    s2 = from_node_config({"merchant-dir": str(folder), "max-epsilon": 2.0}, sim_root="")
+    assert s2.max_epsilon == 2.0
+
+
+def test_from_node_config_individual_keys(tmp_path: Path) -> None:
+    s = from_node_config({"merchant-id": "m", "data-dir": str(tmp_path)}, sim_root="")
+    assert s.data_dir == tmp_path
+    assert s.state_dir == tmp_path / "state"
+
+
+def test_from_node_config_simulated_partition(tmp_path: Path) -> None:
+    write_merchant(tmp_path / "merchant-3", merchant_id="sim-3")
+    s = from_node_config({"partition-id": 3, "num-partitions": 5}, sim_root=str(tmp_path))
+    assert s.merchant_id == "sim-3"
+    assert s.data_dir == tmp_path / "merchant-3"
+
+
+def test_from_node_config_empty_raises() -> None:
+    with pytest.raises(ValueError, match="merchant-dir"):
+        from_node_config({}, sim_root="")
+
+
+@pytest.mark.parametrize("delta", [1e-2, 0.05, 0.5, 0.0, -1e-6])
+def test_delta_out_of_range_rejected(tmp_path: Path, delta: float) -> None:
+    folder = write_merchant(tmp_path / "m", merchant_id="shop", delta=delta)
+    with pytest.raises(ValueError, match="delta"):
+        MerchantSettings.from_merchant_dir(folder)
+    with pytest.raises(ValueError, match="delta"):
+        from_node_config(
+            {"merchant-dir": str(write_merchant(tmp_path / "ok", merchant_id="x")), "delta": delta},
+            sim_root="",
+        )
+
+
+def test_delta_just_below_limit_accepted(tmp_path: Path) -> None:
+    folder = write_merchant(tmp_path / "m", merchant_id="shop", delta=9.9e-3)
+    assert MerchantSettings.from_merchant_dir(folder).delta == 9.9e-3
+
+
+def test_unknown_setting_rejected(tmp_path: Path) -> None:
+    folder = write_merchant(tmp_path / "m", merchant_id="shop", max_epsilonn=1.0)
+    with pytest.raises(ValueError, match="max_epsilonn"):
+        MerchantSettings.from_merchant_dir(folder)
