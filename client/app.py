@@ -37,7 +37,7 @@ def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
 def _decode(msg: Message) -> tuple[RunConfig, int, str, dict]:
     cfg = RunConfig.parse(dict(msg.content[protocol.CONFIG]))
     rnd = msg.content[protocol.ROUND]
-    adapter = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    adapter = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
     return cfg, int(rnd[protocol.SERVER_ROUND]), str(rnd[protocol.RUN_KEY]), adapter  # type: ignore[arg-type]
 
 

@@ -48,7 +48,7 @@ class GridFederation:
         content = RecordDict(
             {
                 protocol.ARRAYS: ArrayRecord(adapter),
-                protocol.CONFIG: ConfigRecord(cfg.to_record()),
+                protocol.CONFIG: ConfigRecord(cfg.to_record()),  # type: ignore[arg-type]
                 protocol.ROUND: ConfigRecord(
                     {protocol.SERVER_ROUND: server_round, protocol.RUN_KEY: self.run_key}
                 ),

@@ -79,7 +79,7 @@ def build_model(
         base = BertForSequenceClassification.from_pretrained(
             resolve_backbone(backbone), num_labels=num_labels, ignore_mismatched_sizes=True
         )
-        base.to(device)
+        base.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=lora.r,

@@ -144,7 +144,8 @@ def split_customers(
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     threshold = int(eval_fraction * 2**64)
-    train, held_out = [], []
+    train: list[str] = []
+    held_out: list[str] = []
     for customer in sorted(set(customers)):
         (held_out if stable_hash("split", salt, customer) < threshold else train).append(customer)
     return train, held_out

@@ -73,7 +73,7 @@ class Ledger:
                 )
             if data.get("accountant") != ACCOUNTANT:
                 raise ValueError(f"ledger {path} uses accountant {data.get('accountant')!r}, expected 'rdp'")
-            history = [Charge.from_json(entry) for entry in data.get("history", [])]
+            history = _history(data, path)
         return cls(path=path, merchant_id=merchant_id, delta=delta, max_epsilon=max_epsilon, history=history)
 
     def epsilon_after(self, charge: Charge) -> float:
@@ -87,7 +87,7 @@ class Ledger:
         """
         with self._locked():
             if self.path.exists():
-                self.history = [Charge.from_json(e) for e in _read(self.path).get("history", [])]
+                self.history = _history(_read(self.path), self.path)
             current = self.epsilon
             would_be = self.epsilon_after(charge)
             if would_be > self.max_epsilon:
@@ -136,3 +136,10 @@ def _read(path: Path) -> dict[str, object]:
     if not isinstance(data, dict):
         raise ValueError(f"ledger {path} must hold a JSON object")
     return data
+
+
+def _history(data: dict[str, object], path: Path) -> list[Charge]:
+    entries = data.get("history", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"ledger {path}: `history` must be a list of charges")
+    return [Charge.from_json(entry) for entry in entries]
