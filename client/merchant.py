@@ -100,7 +100,9 @@ def open_ledger(settings: MerchantSettings) -> Ledger:
     )
 
 
-def noise_for_run(ledger: Ledger, *, run_id: str, plan: StepPlan, cfg: RunConfig, floor: float) -> float:
+def noise_for_run(
+    ledger: Ledger, *, run_id: str, plan: StepPlan, cfg: RunConfig, floor: float, ceiling: float
+) -> float:
     """σ for this run: calibrated once for the whole planned horizon against what earlier runs spent
     (the same answer every round and after restarts), never below the merchant's floor."""
     earlier = [c for c in ledger.history if c.run_id != run_id]
@@ -111,6 +113,7 @@ def noise_for_run(ledger: Ledger, *, run_id: str, plan: StepPlan, cfg: RunConfig
         rounds=cfg.num_rounds,
         max_epsilon=ledger.max_epsilon,
         delta=ledger.delta,
+        upper=ceiling,
     )
     return max(sigma, cfg.noise_multiplier, floor)
 
@@ -130,7 +133,14 @@ def train_round(
     chosen = data.train_round(round_seed=f"{run_id}:{server_round}")
     plan = StepPlan.of(len(chosen), cfg.batch_size, cfg.local_epochs)
     try:
-        sigma = noise_for_run(ledger, run_id=run_id, plan=plan, cfg=cfg, floor=settings.min_noise_multiplier)
+        sigma = noise_for_run(
+            ledger,
+            run_id=run_id,
+            plan=plan,
+            cfg=cfg,
+            floor=settings.min_noise_multiplier,
+            ceiling=settings.max_noise_multiplier,
+        )
         ledger.charge(
             Charge(
                 round=server_round,

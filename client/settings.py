@@ -27,6 +27,9 @@ class MerchantSettings(BaseModel):
     max_epsilon: float = Field(8.0, gt=0.0)
     delta: float = Field(1e-6, gt=0.0, lt=1e-2, description="well below 1/customers")
     min_noise_multiplier: float = Field(0.3, ge=0.0, description="floor, whatever the server suggests")
+    max_noise_multiplier: float = Field(
+        10.0, gt=0.0, description="refuse rather than send an update drowned in noise (budget nearly spent)"
+    )
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 

@@ -1,0 +1,102 @@
+"""A merchant's round without Flower: ledger charged first, accumulation across restarts, refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import merchant
+from client.settings import MerchantSettings
+from shared.adapters import extract_adapter
+from shared.config import RunConfig
+from shared.privacy import Charge, epsilon_of
+from simulations.generator import generate_merchant
+
+
+def clear_caches() -> None:
+    """What a process restart does to the merchant's in-memory state."""
+    merchant.cached_model.cache_clear()
+    merchant.cached_encoder.cache_clear()
+    merchant.cached_data.cache_clear()
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    generate_merchant(3, 0, tmp_path / "m0", base_customers=60)
+    return tmp_path / "m0"
+
+
+def config(tiny_bert: str, **extra: object) -> RunConfig:
+    return RunConfig.parse(
+        {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
+    )
+
+
+def global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torch.Tensor]:
+    model, *_ = merchant._prepare(settings, cfg)
+    return extract_adapter(model)
+
+
+def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+    cfg = config(tiny_bert)
+    g = global_adapter(cfg, settings)
+    first = merchant.train_round(settings, cfg, g, server_round=1, run_id="run-a", seed=1)
+    assert first.status == "trained" and first.adapter is not None and first.examples > 0
+    assert first.epsilon > 0
+    clear_caches()
+    second = merchant.train_round(settings, cfg, g, server_round=1, run_id="run-b", seed=2)
+    assert second.epsilon > first.epsilon
+    data = json.loads(settings.ledger_path.read_text())
+    assert [h["run_id"] for h in data["history"]] == ["run-a", "run-b"]
+    recomputed = epsilon_of([Charge.from_json(h) for h in data["history"]], data["delta"])
+    assert data["epsilon"] == pytest.approx(recomputed) == pytest.approx(second.epsilon)
+    # run-b was calibrated against what run-a had spent, so it is noisier
+    assert data["history"][1]["noise_multiplier"] > data["history"][0]["noise_multiplier"]
+
+
+def test_noise_is_calibrated_for_the_whole_horizon(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=4.0)
+    cfg = config(tiny_bert, **{"num-rounds": 3})
+    g = global_adapter(cfg, settings)
+    outcomes = [
+        merchant.train_round(settings, cfg, g, server_round=r, run_id="run", seed=r) for r in (1, 2, 3)
+    ]
+    assert [o.status for o in outcomes] == ["trained"] * 3
+    sigmas = {o.metrics["noise_multiplier"] for o in outcomes}
+    assert len(sigmas) == 1  # one σ for the run
+    assert outcomes[-1].epsilon <= 4.0
+    assert outcomes[-1].epsilon >= 0.95 * 4.0  # the plan used the budget, not a fraction of it
+    refused = merchant.train_round(settings, cfg, g, server_round=4, run_id="run", seed=4)
+    assert refused.status == "refused-budget" and refused.adapter is None
+    assert "max-epsilon" in refused.reason
+    assert len(json.loads(settings.ledger_path.read_text())["history"]) == 3  # nothing charged
+
+
+def test_exhausted_budget_refuses_a_new_run(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0)
+    cfg = config(tiny_bert, **{"num-rounds": 1})
+    g = global_adapter(cfg, settings)
+    assert merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1).status == "trained"
+    out = merchant.train_round(settings, cfg, g, server_round=1, run_id="b", seed=1)
+    assert out.status == "refused-budget"
+
+
+def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1000.0, min_noise_multiplier=2.5)
+    cfg = config(tiny_bert, **{"noise-multiplier": 0.1})
+    out = merchant.train_round(
+        settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
+    )
+    assert out.metrics["noise_multiplier"] == pytest.approx(2.5)
+
+
+def test_evaluation_reports_metrics_and_epsilon(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop)
+    cfg = config(tiny_bert)
+    metrics = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings))
+    assert metrics["examples"] > 0 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
+    assert metrics["epsilon"] == 0.0 and metrics["delta"] == 1e-6

@@ -1,0 +1,94 @@
+"""End to end: Flower simulation of 3 merchants × 2 rounds on a tiny BERT, then check every artefact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import BertForSequenceClassification
+
+from shared.adapters import AdapterSpec, extract_adapter
+from shared.privacy import Charge, epsilon_of
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from simulations.run import simulate
+
+    overrides = {
+        "backbone": tiny_bert,
+        "num-rounds": 2,
+        "min-train-nodes": 3,
+        "min-evaluate-nodes": 3,
+        "min-available-nodes": 3,
+        "runs-dir": str(tmp_path_factory.mktemp("runs")),
+        "run-name": "e2e",
+        "sim-customers": 60,
+        "batch-size": 16,
+        "max-length": 32,
+        "lora-r": 2,
+    }
+    return simulate(overrides, merchants=3)
+
+
+@pytest.mark.slow
+def test_metrics_rows(run_dir: Path, tiny_bert: str) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["merchants"] == {}
+    model = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    for row in rows:
+        g = row["global"]
+        assert {"accuracy", "macro_f1", "auc", "loss", "examples"} <= set(g)
+        assert 0 <= g["accuracy"] <= 1 and 0 <= g["auc"] <= 1 and g["examples"] > 0
+        assert row["time_s"] >= 0
+    for row in rows[1:]:
+        assert set(row["merchants"]) == {"merchant-0", "merchant-1", "merchant-2"}
+        for m in row["merchants"].values():
+            assert m["status"] == "trained"
+            assert 0 < m["epsilon"] <= 8.0 and m["delta"] == 1e-6
+            assert m["examples"] > 0 and m["train_loss"] > 0
+            assert m["bytes_up"] > 0
+    del model
+
+
+@pytest.mark.slow
+def test_bytes_on_the_wire_are_the_adapter(run_dir: Path, tiny_bert: str) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = load_file(str(run_dir / "checkpoints" / "round-0001.safetensors"))
+    spec = AdapterSpec({k: tuple(v.shape) for k, v in checkpoint.items()})
+    assert all("lora_" in k or "classifier" in k for k in spec.shapes)
+    for m in rows[1]["merchants"].values():
+        # float32 payload of exactly the adapter tensors, plus a small header per array
+        assert spec.num_bytes <= m["bytes_up"] <= spec.num_bytes + 256 * len(spec.shapes)
+
+
+@pytest.mark.slow
+def test_ledgers_are_within_budget_and_recomputable(run_dir: Path) -> None:
+    for i in range(3):
+        ledger = json.loads(
+            (run_dir / "merchants" / f"merchant-{i}" / "state" / "privacy-ledger.json").read_text()
+        )
+        assert ledger["merchant_id"] == f"merchant-{i}"
+        assert [h["round"] for h in ledger["history"]] == [1, 2]
+        assert {h["run_id"] for h in ledger["history"]} == {"e2e"}
+        recomputed = epsilon_of([Charge.from_json(h) for h in ledger["history"]], ledger["delta"])
+        assert ledger["epsilon"] == pytest.approx(recomputed)
+        assert 0.9 * ledger["max_epsilon"] <= ledger["epsilon"] <= ledger["max_epsilon"]
+
+
+@pytest.mark.slow
+def test_final_adapter_loads_with_peft(run_dir: Path, tiny_bert: str) -> None:
+    final = run_dir / "final"
+    assert "epsilon" in (final / "README.md").read_text()
+    base = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(final))
+    loaded = extract_adapter(model)
+    last = load_file(str(run_dir / "checkpoints" / "round-0002.safetensors"))
+    assert loaded.keys() == last.keys()
+    for key in last:
+        torch.testing.assert_close(loaded[key], last[key])
