@@ -163,7 +163,10 @@ def train_round(
         model,
         encoder.encode(chosen),
         settings=TrainSettings(
-            epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            lora_learning_rate=cfg.lora_learning_rate or None,
         ),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         device=device,

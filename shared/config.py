@@ -36,6 +36,7 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(0.01, gt=0.0)
+    lora_learning_rate: float = Field(0.0, ge=0.0, description="LoRA matrices' rate; 0 = learning-rate")
     max_grad_norm: float = Field(0.5, gt=0.0)
     noise_multiplier: float = Field(0.0, ge=0.0, description="server's suggestion; 0 = merchant calibrates")
     max_length: int = Field(48, ge=8, le=512)

@@ -2,11 +2,14 @@
 
 Every task is built so that the input never contains what it predicts:
 
-* ``purchase-intent`` (binary): a session is cut at a position in its second half drawn from a hash
-  of its id (so the cut does not depend on the label) and, in any case, before its first cart or buy
-  event. The label is whether the session contains a buy. The prefix holds no cart/buy event.
-* ``next-behavior`` (multi-class): a session is cut at a hashed position t ≥ 1; the label is the
-  behaviour of event t, the input the events before it.
+* ``purchase-intent`` (binary): the prefix is the first k events, k drawn from a hash of the session
+  id, stopped early at the first cart or buy event. The label is whether the session contains a
+  buy. The prefix holds no cart/buy event.
+* ``next-behavior`` (multi-class): the prefix is the first k events (k hashed as above); the label is
+  the behaviour of event k. Sessions with no event k yield no example.
+
+The cut k never depends on the session's length or anything after the cut: a cut drawn from the
+length would leak the future (shopping sessions are longer because they go on to cart and buy).
 
 The privacy unit is the customer: `one_per_customer` keeps at most one example per customer, drawn
 afresh each round, and customers are split once into training and held-out evaluation customers.
@@ -90,15 +93,18 @@ def sessions_of(events: Iterable[Event]) -> dict[tuple[str, str], list[Event]]:
     return dict(grouped)
 
 
-def _cut_position(session_id: str, length: int, low: int) -> int:
-    """A label-independent cut in [low, length], drawn from the session id."""
-    return low + stable_hash("cut", session_id) % (length - low + 1)
+PURCHASE_CUT = (3, 10)
+NEXT_CUT = (1, 6)
+
+
+def _cut_position(session_id: str, low: int, high: int) -> int:
+    """A cut in [low, high] drawn from the session id only: blind to the label and to the future."""
+    return low + stable_hash("cut", session_id) % (high - low + 1)
 
 
 def purchase_intent(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
     """(prefix, label) for one session, or the reason it yields no example."""
-    # the cut falls in the second half of the session: long enough to carry intent, blind to the label
-    cut = _cut_position(session[0].session_id, len(session), (len(session) + 1) // 2)
+    cut = _cut_position(session[0].session_id, *PURCHASE_CUT)
     first_funnel = next((i for i, e in enumerate(session) if e.behavior in FUNNEL_BEHAVIORS), len(session))
     prefix = tuple(session[: min(cut, first_funnel)])
     if not prefix:
@@ -111,9 +117,9 @@ _BEHAVIOR_INDEX = {b: i for i, b in enumerate(Behavior)}
 
 def next_behavior(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
     """(prefix, label) for one session, or the reason it yields no example."""
-    if len(session) < 2:
-        return "single-event-session"
-    t = _cut_position(session[0].session_id, len(session) - 1, 1)
+    t = _cut_position(session[0].session_id, *NEXT_CUT)
+    if t >= len(session):
+        return "session-shorter-than-cut"
     return tuple(session[:t]), _BEHAVIOR_INDEX[session[t].behavior]
 
 

@@ -98,8 +98,8 @@ class _SessionWriter:
 
         focus = self._category()
         seen: list[dict[str, object]] = []
-        if rng.random() < (0.6 if shopper else 0.3):  # sessions often open with a search
-            emit("search", query=self._query(focus, intent=rng.random() < (0.85 if shopper else 0.1)))
+        if rng.random() < 0.7:  # most sessions open with a search, whatever the intent
+            emit("search", query=self._query(focus, intent=rng.random() < (0.9 if shopper else 0.1)))
         for _ in range(rng.randint(2, 6)):
             category = focus if (shopper and rng.random() < 0.9) or rng.random() < 0.3 else self._category()
             r = rng.random()
@@ -108,8 +108,8 @@ class _SessionWriter:
                 emit(
                     "review", **rng.choice(seen), rating=rating, review_text=rng.choice(REVIEW_TEXTS[rating])
                 )
-            elif r < 0.3:
-                emit("search", query=self._query(category, intent=rng.random() < (0.85 if shopper else 0.1)))
+            elif r < 0.35:
+                emit("search", query=self._query(category, intent=rng.random() < (0.9 if shopper else 0.1)))
             elif seen and r < (0.6 if shopper else 0.36):
                 emit("view", **rng.choice(seen))  # revisiting an item
             elif seen and r < (0.75 if shopper else 0.4):

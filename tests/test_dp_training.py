@@ -168,3 +168,15 @@ def test_fixed_seed_reproduces_training(tiny_bert: str) -> None:
 def test_step_plan_matches_opacus_sampling() -> None:
     plan = StepPlan.of(n_examples=500, batch_size=64, epochs=2)
     assert plan.steps == 16 and plan.sample_rate == pytest.approx(1 / 8)
+
+
+def test_optimizer_gives_lora_its_own_learning_rate(tiny_bert: str) -> None:
+    from client.train import make_optimizer
+
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    opt = make_optimizer(model, TrainSettings(learning_rate=0.01, lora_learning_rate=0.001))
+    by_lr = {g["lr"]: g["params"] for g in opt.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("classifier" in names[id(p)] for p in by_lr[0.01])
+    assert all("lora_" in names[id(p)] for p in by_lr[0.001])
+    assert sum(len(g) for g in by_lr.values()) == len(trainable_parameters(model))

@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 
 from shared.schema import FUNNEL_BEHAVIORS, Behavior, Event
 from shared.tasks import (
+    NEXT_CUT,
+    PURCHASE_CUT,
     TASKS,
     Candidate,
+    _cut_position,
     build_candidates,
     get_task,
     next_behavior,
@@ -74,10 +77,9 @@ def test_purchase_intent_prefix_has_no_funnel_event(behaviors: list[Behavior], s
     assert list(prefix) == session[: len(prefix)]
     assert all(e.behavior not in FUNNEL_BEHAVIORS for e in prefix)
     assert label == int(Behavior.BUY in behaviors)
-    # the cut is in the second half, unless a cart/buy comes first
+    # the cut comes from the session id alone, stopped early by the first cart/buy or the session's end
     first_funnel = next((i for i, b in enumerate(behaviors) if b in FUNNEL_BEHAVIORS), len(behaviors))
-    assert len(prefix) >= min((len(behaviors) + 1) // 2, first_funnel)
-    assert len(prefix) <= first_funnel
+    assert len(prefix) == min(_cut_position(session_id, *PURCHASE_CUT), first_funnel)
 
 
 def test_purchase_intent_label_and_skip_examples() -> None:
@@ -158,12 +160,13 @@ def test_purchase_intent_cart_to_buy_after_cut_changes_only_label() -> None:
 def test_next_behavior_label_is_event_after_prefix(behaviors: list[Behavior], session_id: str) -> None:
     session = make_session(behaviors, session_id)
     built = next_behavior(session)
-    if len(session) < 2:
-        assert built == "single-event-session"
+    cut = _cut_position(session_id, *NEXT_CUT)
+    if cut >= len(session):
+        assert built == "session-shorter-than-cut"
         return
     assert not isinstance(built, str)
     prefix, label = built
-    assert 1 <= len(prefix) <= len(session) - 1
+    assert len(prefix) == cut
     assert list(prefix) == session[: len(prefix)]
     nxt = session[len(prefix)].behavior
     assert label == list(Behavior).index(nxt)
@@ -193,7 +196,26 @@ def test_next_behavior_cut_positions_vary_across_sessions() -> None:
         prefix, _ = next_behavior(make_session([Behavior.VIEW] * 10, session_id=f"s{k}"))  # type: ignore[misc]
         lengths.add(len(prefix))
     assert len(lengths) >= 5
-    assert lengths <= set(range(1, 10))
+    assert lengths <= set(range(NEXT_CUT[0], NEXT_CUT[1] + 1))
+
+
+@pytest.mark.parametrize("builder", [purchase_intent, next_behavior])
+def test_appending_future_events_never_changes_the_example(builder) -> None:
+    """The cut must not depend on the session's length: a longer future leaks nothing."""
+    rng = random.Random(5)
+    for k in range(200):
+        behaviors = [
+            rng.choice([Behavior.VIEW, Behavior.SEARCH, Behavior.FAV]) for _ in range(rng.randint(1, 12))
+        ]
+        session = make_session(behaviors, session_id=f"grow{k}")
+        built = builder(session)
+        if isinstance(built, str):
+            continue
+        prefix, _ = built
+        longer = make_session([*behaviors, Behavior.CART, Behavior.BUY], session_id=f"grow{k}")
+        rebuilt = builder(longer)
+        assert not isinstance(rebuilt, str)
+        assert rebuilt[0] == prefix
 
 
 # --- build_candidates -----------------------------------------------------------------------------
