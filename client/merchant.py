@@ -52,9 +52,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 @lru_cache(maxsize=2)
-def cached_model(backbone: str, num_labels: int, lora: LoraSpec, device: str) -> torch.nn.Module:
+def cached_model(
+    backbone: str, num_labels: int, lora: LoraSpec, pooling: str, device: str
+) -> torch.nn.Module:
     log.info("building model %s on %s (once per process)", backbone, device)
-    return build_model(backbone, num_labels=num_labels, lora=lora, device=device)
+    return build_model(backbone, num_labels=num_labels, lora=lora, device=device, pooling=pooling)
 
 
 @lru_cache(maxsize=2)
@@ -83,7 +85,7 @@ def _prepare(
     device = resolve_device(settings.device)
     backbone = resolve_backbone(cfg.backbone)
     task = get_task(cfg.task)
-    model = cached_model(backbone, task.num_labels, cfg.lora, str(device))
+    model = cached_model(backbone, task.num_labels, cfg.lora, cfg.pooling, str(device))
     encoder = cached_encoder(backbone, cfg.max_length)
     data = cached_data(
         settings.data_dir, settings.state_dir, cfg.task, settings.eval_fraction, settings.merchant_id

@@ -97,7 +97,11 @@ class Coordinator:
         self.paths = RunPaths(run_dir)
         self.metrics = MetricsLog(self.paths.metrics, out=sys.stdout if console else None)
         self.model = build_model(
-            cfg.backbone, num_labels=get_task(cfg.task).num_labels, lora=cfg.lora, init_seed=cfg.seed
+            cfg.backbone,
+            num_labels=get_task(cfg.task).num_labels,
+            lora=cfg.lora,
+            init_seed=cfg.seed,
+            pooling=cfg.pooling,
         )
         self.rng = random.Random(cfg.seed)
         self.last_status: dict[str, dict[str, Any]] = {}

@@ -29,6 +29,17 @@ def export_final(
     return folder
 
 
+_POOLED = {"mean": "attention-masked mean of the last hidden states", "cls": "pooled [CLS] vector"}
+
+
+def _base_class(cfg: RunConfig) -> str:
+    return (
+        "shared.model.MeanPoolingBertForSequenceClassification"
+        if cfg.pooling == "mean"
+        else "BertForSequenceClassification"
+    )
+
+
 def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
@@ -42,8 +53,9 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
         f"LoRA adapter and classifier head for `{resolve_backbone(cfg.backbone)}`, trained with federated "
         "averaging over merchants, each running DP-SGD (Opacus) on its own customers.",
         "",
-        "Load it with `PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(backbone, "
-        f"num_labels={task.num_labels}), this_folder)`. Labels: {', '.join(task.labels)}.",
+        f"Load it with `PeftModel.from_pretrained({_base_class(cfg)}.from_pretrained(backbone, "
+        f"num_labels={task.num_labels}), this_folder)`. Labels: {', '.join(task.labels)}. The head reads "
+        f"the {_POOLED[cfg.pooling]} (`pooling` in the run config).",
         "",
         "## Differential privacy",
         "",

@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
     max_grad_norm: float = Field(0.5, gt=0.0)
     noise_multiplier: float = Field(0.0, ge=0.0, description="server's suggestion; 0 = merchant calibrates")
     max_length: int = Field(48, ge=8, le=512)
+    pooling: str = Field("mean", pattern="^(mean|cls)$", description="head input: masked mean or [CLS]")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
