@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = merchant.add_parser("validate-data", help="validate events.jsonl and quarantine bad rows")
     validate.add_argument("merchant_dir")
     validate.set_defaults(func=cmd_validate)
+    from client.ingest.cli import add_ingest_cli
+
+    add_ingest_cli(merchant)
     return parser
 
 

@@ -1,0 +1,100 @@
+"""`fedbehavior merchant ingest`: the argparse wiring of `client.ingest.ingest`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from client.ingest.formats import FORMATS
+from client.ingest.schema import IngestError
+
+_PAIR = re.compile(r"\s*(?P<key>[^=:→]+?)\s*(?:=|->|→|:)\s*(?P<value>.+?)\s*$")
+
+EPILOG = """examples:
+  fedbehavior merchant ingest UserBehavior.csv --format taobao --out merchant-1
+  fedbehavior merchant ingest events.csv --format retailrocket --categories item_properties_part1.csv --out m2
+  fedbehavior merchant ingest yoochoose-data/ --format yoochoose --out m3
+  fedbehavior merchant ingest export.csv --format csv --out m4 \\
+      --map customer_id=user,timestamp=event_time,behavior=event,item_id=sku \\
+      --behavior-map product_view=view,add_to_cart=cart,purchase=buy
+"""
+
+
+def parse_pairs(items: list[str] | str, what: str) -> dict[str, str]:
+    """`a=b,c=d` (also `a->b`, `a→b`, `a:b`; repeated options add up) as a dict."""
+    texts = [items] if isinstance(items, str) else items
+    out: dict[str, str] = {}
+    for text in texts:
+        for item in filter(str.strip, text.split(",")):
+            match = _PAIR.match(item)
+            if match is None:
+                raise IngestError(f"{what}: {item.strip()!r} is not NAME=VALUE (e.g. product_view=view)")
+            out[match["key"]] = match["value"]
+    return out
+
+
+def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `ingest` on an argparse subparsers object (e.g. the `merchant` command's)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "ingest",
+        help="ingest a shop export into a validated local Parquet store",
+        description="Read a behaviour export (Taobao, RetailRocket, YooChoose or any CSV/Parquet/JSONL), "
+        "validate it, quarantine bad rows with their row number and reason, cut sessions, and write "
+        "<out>/store/part-*.parquet, <out>/quarantine.parquet and <out>/ingest-report.json. "
+        "The source file is only read.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "source", type=Path, help="the export file (YooChoose: the clicks file or its folder)"
+    )
+    parser.add_argument("--format", "-f", dest="fmt", required=True, choices=FORMATS, help="source format")
+    parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="csv/parquet/jsonl: store field <- source column, comma-separated or repeated "
+        "(fields: customer_id, session_id, timestamp, behavior, item_id, category, price, query, title)",
+    )
+    parser.add_argument(
+        "--behavior-map",
+        action="append",
+        default=[],
+        metavar="NAME=BEHAVIOR",
+        help="the shop's behaviour names, e.g. product_view=view,add_to_cart=cart,purchase=buy",
+    )
+    parser.add_argument("--categories", help="retailrocket: itemid,categoryid CSV or item_properties files")
+    parser.add_argument("--session-gap", type=int, default=1800, metavar="SECONDS", help="inactivity gap")
+    parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per batch (memory bound)")
+    parser.set_defaults(func=cmd_ingest)
+    return parser
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Run an ingest from parsed arguments and print its summary."""
+    from client.ingest.run import ingest
+
+    mapping = parse_pairs(args.map, "--map") or None
+    if args.categories:
+        mapping = {**(mapping or {}), "categories": args.categories}
+    report = ingest(
+        args.source,
+        args.fmt,
+        args.out,
+        mapping=mapping,
+        behavior_map=parse_pairs(args.behavior_map, "--behavior-map") or None,
+        session_gap_s=args.session_gap,
+        batch_rows=args.batch_rows,
+    )
+    print(f"{report.total} rows: {report.good} good, {report.quarantined} quarantined")
+    for reason, count in report.reasons.items():
+        example = report.examples[reason][0]
+        print(f"  {count:>9}  {reason:<24} e.g. row {example['source_row']}: {example['detail']}")
+    sessions = f"{report.sessions} sessions ({report.session_mode})"
+    print(f"{report.customers} customers, {sessions}, {report.seconds:.1f} s")
+    print(f"store: {report.store_dir}  quarantine: {report.quarantine_path}")
+    return 0

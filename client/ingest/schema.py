@@ -1,0 +1,102 @@
+"""Column layouts, quarantine reasons and the error type shared by the ingest modules."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+STORE_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("session_id", pa.string()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("behavior", pa.string()),
+        ("item_id", pa.string()),
+        ("category", pa.string()),
+        ("price", pa.float64()),
+        ("query", pa.string()),
+        ("title", pa.string()),
+        ("source_row", pa.int64()),
+    ]
+)
+"""The normalised store. customer_id, session_id, timestamp, behavior and source_row are never null."""
+
+# The spill files of the first pass also remember which source file a row came from (YooChoose has
+# two), so that a duplicate found in the second pass is quarantined under the right file name.
+SPILL_SCHEMA = STORE_SCHEMA.append(pa.field("file_index", pa.int16()))
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+TEXT_FIELDS = ("customer_id", "session_id", "behavior", "item_id", "category", "query", "title")
+"""Store fields read as text; `timestamp` and `price` have their own converters."""
+
+FIELDS = (*TEXT_FIELDS, "timestamp", "price")
+REQUIRED_FIELDS = ("customer_id", "timestamp", "behavior")
+
+# Plausible event times: anything outside is a corrupt or mis-scaled value (e.g. milliseconds read as
+# seconds lands in the year 49000), not an e-commerce event. Fixed, not "now", so ingest is reproducible.
+MIN_TIMESTAMP = datetime(1995, 1, 1, tzinfo=timezone.utc)
+MAX_TIMESTAMP = datetime(2100, 1, 1, tzinfo=timezone.utc)
+MIN_TIMESTAMP_MS = int(MIN_TIMESTAMP.timestamp() * 1000)
+MAX_TIMESTAMP_MS = int(MAX_TIMESTAMP.timestamp() * 1000)
+
+
+class Reason(str, enum.Enum):
+    """Why a row was quarantined, in order of precedence: a row gets the first that applies."""
+
+    UNPARSEABLE = "unparseable"
+    EMPTY_ROW = "empty_row"
+    BAD_ENCODING = "bad_encoding"
+    MISSING_CUSTOMER_ID = "missing_customer_id"
+    MISSING_SESSION_ID = "missing_session_id"
+    BAD_TIMESTAMP = "bad_timestamp"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    UNKNOWN_BEHAVIOR = "unknown_behavior"
+    MISSING_ITEM_ID = "missing_item_id"
+    MISSING_QUERY = "missing_query"
+    BAD_PRICE = "bad_price"
+    NEGATIVE_PRICE = "negative_price"
+    DUPLICATE = "duplicate"
+
+    @property
+    def code(self) -> int:
+        """1-based precedence (0 means "good" in the validation arrays)."""
+        return list(Reason).index(self) + 1
+
+
+class IngestError(ValueError):
+    """The source does not match the chosen format or mapping; the message says what to change."""
+
+
+def empty_quarantine() -> pa.Table:
+    """A quarantine table with no rows."""
+    return QUARANTINE_SCHEMA.empty_table()
+
+
+def quarantine_table(
+    source_file: str, rows: object, reason: str | pa.Array, detail: object, raw: object
+) -> pa.Table:
+    """Quarantine rows of one file; `reason` may be one value for all rows."""
+    source_rows = pa.array(rows, pa.int64())
+    n = len(source_rows)
+    reasons = pa.repeat(pa.scalar(reason, pa.string()), n) if isinstance(reason, str) else reason
+    columns = [pa.repeat(pa.scalar(source_file, pa.string()), n), source_rows, reasons, detail, raw]
+    return pa.table([_strings(c) if i != 1 else c for i, c in enumerate(columns)], schema=QUARANTINE_SCHEMA)
+
+
+def _strings(values: object) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(values, pa.string())
