@@ -101,9 +101,10 @@ def train_dp(
     model.train()  # evaluation switched it off; Opacus needs activations recorded
     loader = DataLoader(data.dataset(), batch_size=settings.batch_size, shuffle=False)
     optimizer = make_optimizer(model, settings)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the RNG it uses
+        # Opacus warns that secure_mode is off: our noise is seeded per call from `secrets` instead
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         private_model, dp_optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,

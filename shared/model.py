@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as transformers_logging
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,17 @@ def build_model(
         torch.manual_seed(init_seed)
         if pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
-        base = POOLING[pooling].from_pretrained(
-            resolve_backbone(backbone), num_labels=num_labels, ignore_mismatched_sizes=True
-        )
+        verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+        transformers_logging.set_verbosity_error()  # the head is missing from the checkpoint: expected
+        transformers_logging.disable_progress_bar()
+        try:
+            base = POOLING[pooling].from_pretrained(
+                resolve_backbone(backbone), num_labels=num_labels, ignore_mismatched_sizes=True
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+            if bars:
+                transformers_logging.enable_progress_bar()
         base.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
