@@ -47,17 +47,6 @@ FUNNEL_BEHAVIORS = (Behavior.CART, Behavior.BUY)
 """Behaviours that reveal purchase intent directly; a purchase-intent prefix must contain none."""
 
 
-class Customer(BaseModel):
-    """Optional customer attributes; the id is local to one merchant and never leaves it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    customer_id: str = Field(min_length=1)
-    segment: str | None = None
-    region: str | None = None
-    age_band: str | None = None
-
-
 class Event(BaseModel):
     """One behaviour event of one customer at one merchant."""
 
@@ -74,6 +63,13 @@ class Event(BaseModel):
     query: str | None = None
     review_text: str | None = None
     rating: int | None = Field(default=None, ge=1, le=5)
+    # optional customer attributes (as the merchant knows them at the time of the event)
+    customer_segment: str | None = None
+    customer_region: str | None = None
+    customer_age_band: str | None = None
+
+    def customer_attributes(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.customer_segment, self.customer_region, self.customer_age_band) if a)
 
     @field_validator("behavior", mode="before")
     @classmethod

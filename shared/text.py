@@ -2,7 +2,8 @@
 
 One event becomes a short phrase ("view iPhone 12 手机 phones 5999"); a sequence becomes the phrases of
 its most recent events, oldest first, joined by " ; ", keeping as many recent events as fit in the
-token budget. The output depends only on the events, never on dictionary order or time of day.
+token budget, preceded by the customer's attributes (segment, region, age band) when known and when
+they fit. The output depends only on the events, never on their input order.
 """
 
 from __future__ import annotations
@@ -85,4 +86,11 @@ def serialize(
             break
         kept.append(phrase)
         used += cost
-    return SEPARATOR.join(reversed(kept))
+    text = SEPARATOR.join(reversed(kept))
+    # customer attributes of the most recent event that has any, as a short prefix ("gold north ; …")
+    attributes = next((e.customer_attributes() for e in reversed(ordered) if e.customer_attributes()), ())
+    if attributes:
+        head = " ".join(attributes)
+        if count_tokens([head])[0] + sep_cost + used <= max_tokens:
+            text = head + SEPARATOR + text
+    return text

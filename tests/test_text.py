@@ -196,3 +196,23 @@ def test_serialize_empty_and_invalid_budget() -> None:
     assert serialize([], max_tokens=10) == ""
     with pytest.raises(ValueError):
         serialize([ev(0)], max_tokens=0)
+
+
+def test_customer_attributes_prefix_when_they_fit() -> None:
+    from datetime import datetime, timezone
+
+    from shared.schema import Event
+
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    e = Event(
+        customer_id="c",
+        session_id="s",
+        timestamp=t,
+        behavior="view",
+        item_id="i",
+        title="lamp",
+        customer_segment="gold",
+        customer_region="north",
+    )
+    assert serialize([e], max_tokens=50) == "gold north ; view lamp"
+    assert serialize([e], max_tokens=2) == "view lamp"  # events come first when the budget is short
