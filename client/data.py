@@ -43,12 +43,19 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+STORE_DIR = "store"
+
+
 def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], LoadReport]:
-    """Validated events of `data_dir/events.jsonl`; bad rows are written to the quarantine file."""
+    """Validated events of the merchant: the Parquet store written by `fedbehavior merchant ingest`
+    (`data_dir/store/`) when there is one, else `data_dir/events.jsonl`. Bad rows are quarantined."""
+    if (data_dir / STORE_DIR).is_dir():
+        return _load_store(data_dir / STORE_DIR, quarantine_dir)
     path = data_dir / EVENTS_FILE
     if not path.exists():
         raise FileNotFoundError(
-            f"no {EVENTS_FILE} in data folder {data_dir}; point data-dir at the merchant's event export"
+            f"no {EVENTS_FILE} or {STORE_DIR}/ in data folder {data_dir}; point data-dir at the merchant's "
+            "events, or ingest an export first (fedbehavior merchant ingest)"
         )
     events: list[Event] = []
     report = LoadReport()
@@ -81,6 +88,33 @@ def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], Load
             quarantine_dir / QUARANTINE_FILE,
             report.reasons,
         )
+    return events, report
+
+
+def _load_store(store: Path, quarantine_dir: Path) -> tuple[list[Event], LoadReport]:
+    """Events of an ingested Parquet store (already validated by ingest; checked again as Events)."""
+    import pyarrow.parquet as pq
+
+    events: list[Event] = []
+    report = LoadReport()
+    bad: list[str] = []
+    for part in sorted(store.glob("*.parquet")):
+        for row in pq.read_table(part).to_pylist():
+            report.total += 1
+            fields = {k: v for k, v in row.items() if v is not None and k != "source_row"}
+            try:
+                events.append(Event.model_validate(fields))
+            except ValidationError as err:
+                reason = _reason(err)
+                report.reasons[reason.split(":")[0]] = report.reasons.get(reason.split(":")[0], 0) + 1
+                bad.append(
+                    json.dumps(
+                        {"file": part.name, "source_row": row.get("source_row"), "reason": reason},
+                        ensure_ascii=False,
+                    )
+                )
+    report.good, report.quarantined = len(events), len(bad)
+    atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, "".join(b + "\n" for b in bad).encode("utf-8"))
     return events, report
 
 

@@ -55,6 +55,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from simulations.split import split_store
+
+    folders = split_store(Path(args.ingested), Path(args.out), merchants=args.merchants, by=args.by)
+    print(
+        f"{len(folders)} merchants in {args.out}; simulate them with: "
+        f"fedbehavior simulate --merchants {len(folders)} --set sim-root={Path(args.out).resolve()}"
+    )
+    return 0
+
+
 def cmd_budget(args: argparse.Namespace) -> int:
     from shared.privacy.accounting import Charge, epsilon_of
 
@@ -114,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="any run-config key of [tool.flwr.app.config], e.g. --set task=next-behavior",
     )
     sim.set_defaults(func=cmd_simulate)
+
+    split = sub.add_parser("split-store", help="split an ingested dataset into simulated merchants")
+    split.add_argument("ingested", help="folder written by fedbehavior merchant ingest")
+    split.add_argument("out", help="folder for merchant-<i>/ sub-folders")
+    split.add_argument("--merchants", type=int, default=4)
+    split.add_argument("--by", default="customer_id", help="column whose values decide the merchant")
+    split.set_defaults(func=cmd_split)
 
     merchant = sub.add_parser("merchant", help="merchant tools").add_subparsers(
         dest="merchant_command", required=True

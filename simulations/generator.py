@@ -162,7 +162,8 @@ def generate_merchant(
 
 
 def ensure_merchant(seed: int, index: int, out_dir: Path, *, base_customers: int = 500) -> Path:
-    """Generate merchant `index` into `out_dir` unless its data is already there."""
-    if not (out_dir / EVENTS_FILE).exists() or not (out_dir / SETTINGS_FILE).exists():
+    """Generate merchant `index` into `out_dir` unless its data (events or an ingested store) is there."""
+    has_data = (out_dir / EVENTS_FILE).exists() or (out_dir / "store").is_dir()
+    if not has_data or not (out_dir / SETTINGS_FILE).exists():
         generate_merchant(seed, index, out_dir, base_customers=base_customers)
     return out_dir
