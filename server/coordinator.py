@@ -127,16 +127,17 @@ class Coordinator:
         export_final(self.model, adapter, self.paths.final, self.cfg, last, self.last_status)
         return self.paths.root
 
+    def _sample(self, fraction: float, minimum: int) -> list[int]:
+        """Wait for min-available-nodes merchants, then draw this round's participants."""
+        return sample_nodes(
+            self.federation.node_ids(self.cfg.min_available_nodes), fraction, minimum, self.rng
+        )
+
     def _train(
         self, adapter: AdapterState, server_round: int
     ) -> tuple[AdapterState, dict[str, dict[str, Any]]]:
         cfg = self.cfg
-        nodes = sample_nodes(
-            self.federation.node_ids(cfg.min_available_nodes),
-            cfg.fraction_train,
-            cfg.min_train_nodes,
-            self.rng,
-        )
+        nodes = self._sample(cfg.fraction_train, cfg.min_train_nodes)
         replies = self.federation.train(nodes, adapter, cfg, server_round)
         accepted: list[Update] = []
         merchants: dict[str, dict[str, Any]] = {}
@@ -172,12 +173,7 @@ class Coordinator:
         self, adapter: AdapterState, server_round: int, merchants: dict[str, dict[str, Any]], t0: float
     ) -> dict[str, Any]:
         cfg = self.cfg
-        nodes = sample_nodes(
-            self.federation.node_ids(cfg.min_available_nodes),
-            cfg.fraction_evaluate,
-            cfg.min_evaluate_nodes,
-            self.rng,
-        )
+        nodes = self._sample(cfg.fraction_evaluate, cfg.min_evaluate_nodes)
         replies = [
             r for r in self.federation.evaluate(nodes, adapter, cfg, server_round) if r.status == "evaluated"
         ]
