@@ -24,7 +24,7 @@ from shared.config import RunConfig
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
 from shared.privacy import BudgetExceededError, Charge, Ledger
 from shared.privacy.calibration import CalibrationError, calibrate_noise
-from shared.tasks import get_task
+from shared.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,11 @@ def cached_encoder(backbone: str, max_length: int) -> Encoder:
 
 
 @lru_cache(maxsize=4)
-def cached_data(data_dir: Path, state_dir: Path, task: str, eval_fraction: float, salt: str) -> MerchantData:
+def cached_data(
+    data_dir: Path, state_dir: Path, task: TaskSpec, eval_fraction: float, salt: str
+) -> MerchantData:
     events, report = load_events(data_dir, state_dir)
-    data = MerchantData.build(events, get_task(task), eval_fraction=eval_fraction, salt=salt, report=report)
+    data = MerchantData.build(events, task, eval_fraction=eval_fraction, salt=salt, report=report)
     log.info(
         "%s: %d events (%d quarantined), %d train / %d held-out customers",
         salt,
@@ -84,11 +86,11 @@ def _prepare(
 ) -> tuple[torch.nn.Module, Encoder, MerchantData, torch.device]:
     device = resolve_device(settings.device)
     backbone = resolve_backbone(cfg.backbone)
-    task = get_task(cfg.task)
+    task = cfg.task_spec
     model = cached_model(backbone, task.num_labels, cfg.lora, cfg.pooling, str(device))
     encoder = cached_encoder(backbone, cfg.max_length)
     data = cached_data(
-        settings.data_dir, settings.state_dir, cfg.task, settings.eval_fraction, settings.merchant_id
+        settings.data_dir, settings.state_dir, task, settings.eval_fraction, settings.merchant_id
     )
     return model, encoder, data, device
 
@@ -216,4 +218,6 @@ def evaluate_round(settings: MerchantSettings, cfg: RunConfig, adapter: AdapterS
     }
     if result.auc is not None:
         metrics["auc"] = result.auc
+    if result.top3_accuracy is not None:
+        metrics["top3_accuracy"] = result.top3_accuracy
     return metrics

@@ -18,7 +18,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.metrics import accuracy, macro_f1, roc_auc
+from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class EvalResult:
     macro_f1: float
     auc: float | None
     examples: int
+    top3_accuracy: float | None = None
 
 
 def train_dp(
@@ -196,10 +197,12 @@ def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int, device: 
     predicted = probs.argmax(axis=1)
     num_classes = probs.shape[1]
     auc = roc_auc(labels, probs[:, 1]) if num_classes == 2 else None
+    top3 = top_k_accuracy(labels, probs, 3) if num_classes > 3 else None
     return EvalResult(
         loss=loss,
         accuracy=accuracy(labels, predicted),
         macro_f1=macro_f1(labels, predicted, num_classes),
         auc=auc,
         examples=len(data),
+        top3_accuracy=top3,
     )

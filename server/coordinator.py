@@ -21,7 +21,6 @@ from server.strategy import Update, fedavg, validate_update, weighted_metrics
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter
 from shared.config import RunConfig
 from shared.model import build_model
-from shared.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class Coordinator:
         self.metrics = MetricsLog(self.paths.metrics, out=sys.stdout if console else None)
         self.model = build_model(
             cfg.backbone,
-            num_labels=get_task(cfg.task).num_labels,
+            num_labels=cfg.task_spec.num_labels,
             lora=cfg.lora,
             init_seed=cfg.seed,
             pooling=cfg.pooling,

@@ -10,7 +10,6 @@ import torch
 from shared.adapters import AdapterState, load_adapter
 from shared.config import RunConfig
 from shared.model import resolve_backbone
-from shared.tasks import get_task
 
 
 def export_final(
@@ -45,7 +44,7 @@ def _num(value: Any) -> str:
 
 
 def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dict[str, Any]]) -> str:
-    task = get_task(cfg.task)
+    task = cfg.task_spec
     g = last_row.get("global", {})
     lines = [
         f"# fedbehavior adapter: {task.name}",

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-GLOBAL_KEYS = ("accuracy", "macro_f1", "auc", "loss")
+GLOBAL_KEYS = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss")
 
 
 def _clean(value: Any) -> Any:

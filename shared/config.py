@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.model import LoraSpec
-from shared.tasks import TASKS
+from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
 
 
 def _kebab(name: str) -> str:
@@ -26,6 +26,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     task: str = "purchase-intent"
+    category_labels: str = Field(",".join(DEFAULT_CATEGORIES), description="category-intent's label list")
     backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
     num_rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
@@ -55,8 +56,8 @@ class RunConfig(BaseModel):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; choose one of {', '.join(TASKS)}")
+        if value not in TASK_NAMES:
+            raise ValueError(f"unknown task {value!r}; choose one of {', '.join(TASK_NAMES)}")
         return value
 
     @classmethod
@@ -79,6 +80,11 @@ class RunConfig(BaseModel):
     def to_record(self) -> dict[str, int | float | str | bool]:
         """Kebab-case values, for a Flower ConfigRecord."""
         return self.model_dump(by_alias=True)
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        categories = tuple(c.strip() for c in self.category_labels.split(",") if c.strip())
+        return get_task(self.task, categories)
 
     @property
     def lora(self) -> LoraSpec:

@@ -11,6 +11,15 @@ def accuracy(labels: ArrayLike, predictions: ArrayLike) -> float:
     return float((y == p).mean()) if y.size else 0.0
 
 
+def top_k_accuracy(labels: ArrayLike, probabilities: ArrayLike, k: int) -> float:
+    """Share of examples whose label is among the k highest-scored classes (ties: lower index first)."""
+    y, p = np.asarray(labels), np.asarray(probabilities)
+    if not y.size:
+        return 0.0
+    top = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
 def macro_f1(labels: ArrayLike, predictions: ArrayLike, num_classes: int) -> float:
     """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
     y, p = np.asarray(labels), np.asarray(predictions)

@@ -7,6 +7,9 @@ Every task is built so that the input never contains what it predicts:
   buy. The prefix holds no cart/buy event.
 * ``next-behavior`` (multi-class): the prefix is the first k events (k hashed as above); the label is
   the behaviour of event k. Sessions with no event k yield no example.
+* ``category-intent`` (multi-class, top-k): the prefix is the first k events; the label is the
+  category of the next item the customer acts on (the recommendation use case), from a label list
+  fixed in the run config, "other" for the rest.
 
 The cut k never depends on the session's length or anything after the cut: a cut drawn from the
 length would leak the future (shopping sessions are longer because they go on to cart and buy).
@@ -45,14 +48,24 @@ TASKS: dict[str, TaskSpec] = {
     "purchase-intent": TaskSpec("purchase-intent", ("no-buy", "buy")),
     "next-behavior": TaskSpec("next-behavior", tuple(b.value for b in Behavior)),
 }
+TASK_NAMES = (*TASKS, "category-intent")
+
+# The label space of category-intent must be the same at every merchant, so it is part of the run
+# config (a public taxonomy), never learnt from any merchant's data. Categories outside it are "other".
+DEFAULT_CATEGORIES = ("phones", "laptops", "shoes", "beauty", "home", "books", "snacks", "toys")
+OTHER = "other"
 
 
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str, categories: Sequence[str] = DEFAULT_CATEGORIES) -> TaskSpec:
     """The task called `name`, or a clear error listing the known tasks."""
+    if name == "category-intent":
+        if not categories or OTHER in categories or len(set(categories)) != len(categories):
+            raise ValueError(f"category-labels must be distinct, non-empty and not {OTHER!r}: {categories}")
+        return TaskSpec(name, (*categories, OTHER))
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}") from None
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,9 @@ def _cut_position(session_id: str, low: int, high: int) -> int:
     return low + stable_hash("cut", session_id) % (high - low + 1)
 
 
-def purchase_intent(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
+def purchase_intent(
+    session: Sequence[Event], task: TaskSpec | None = None
+) -> tuple[tuple[Event, ...], int] | str:
     """(prefix, label) for one session, or the reason it yields no example."""
     cut = _cut_position(session[0].session_id, *PURCHASE_CUT)
     first_funnel = next((i for i, e in enumerate(session) if e.behavior in FUNNEL_BEHAVIORS), len(session))
@@ -115,7 +130,9 @@ def purchase_intent(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] |
 _BEHAVIOR_INDEX = {b: i for i, b in enumerate(Behavior)}
 
 
-def next_behavior(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | str:
+def next_behavior(
+    session: Sequence[Event], task: TaskSpec | None = None
+) -> tuple[tuple[Event, ...], int] | str:
     """(prefix, label) for one session, or the reason it yields no example."""
     t = _cut_position(session[0].session_id, *NEXT_CUT)
     if t >= len(session):
@@ -123,7 +140,26 @@ def next_behavior(session: Sequence[Event]) -> tuple[tuple[Event, ...], int] | s
     return tuple(session[:t]), _BEHAVIOR_INDEX[session[t].behavior]
 
 
-_BUILDERS = {"purchase-intent": purchase_intent, "next-behavior": next_behavior}
+def category_intent(
+    session: Sequence[Event], task: TaskSpec | None = None
+) -> tuple[tuple[Event, ...], int] | str:
+    """(prefix, label): the category of the first item the customer acts on after the first k
+    events (k hashed as for next-behavior); categories outside the task's labels are "other"."""
+    t = _cut_position(session[0].session_id, *NEXT_CUT)
+    if t >= len(session):
+        return "session-shorter-than-cut"
+    category = next((e.category for e in session[t:] if e.category), None)
+    if category is None:
+        return "no-category-after-cut"
+    labels = (task or get_task("category-intent")).labels
+    return tuple(session[:t]), labels.index(category) if category in labels[:-1] else len(labels) - 1
+
+
+_BUILDERS = {
+    "purchase-intent": purchase_intent,
+    "next-behavior": next_behavior,
+    "category-intent": category_intent,
+}
 
 
 def build_candidates(task: TaskSpec, events: Iterable[Event]) -> tuple[dict[str, list[Candidate]], TaskStats]:
@@ -133,7 +169,7 @@ def build_candidates(task: TaskSpec, events: Iterable[Event]) -> tuple[dict[str,
     stats = TaskStats()
     for (customer, session_id), session in sorted(sessions_of(events).items()):
         stats.sessions += 1
-        built = builder(session)
+        built = builder(session, task)
         if isinstance(built, str):
             stats.skip(built)
             continue
