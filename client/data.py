@@ -18,7 +18,15 @@ from pydantic import ValidationError
 from client.train import Encoded
 from shared.fileio import atomic_write_bytes
 from shared.schema import Event
-from shared.tasks import Candidate, TaskSpec, TaskStats, build_candidates, one_per_customer, split_customers
+from shared.tasks import (
+    Candidate,
+    TaskSpec,
+    TaskStats,
+    build_candidates,
+    one_per_customer,
+    split_by_time,
+    split_customers,
+)
 from shared.text import serialize, tokenizer_counter
 
 log = logging.getLogger(__name__)
@@ -123,33 +131,56 @@ class MerchantData:
     """One merchant's candidates for one task, split into training and held-out customers."""
 
     task: TaskSpec
-    candidates: dict[str, list[Candidate]]
-    train_customers: list[str]
-    eval_customers: list[str]
+    train_candidates: dict[str, list[Candidate]]
+    eval_candidates: dict[str, list[Candidate]]
     stats: TaskStats
     load_report: LoadReport
 
     @classmethod
     def build(
-        cls, events: list[Event], task: TaskSpec, *, eval_fraction: float, salt: str, report: LoadReport
+        cls,
+        events: list[Event],
+        task: TaskSpec,
+        *,
+        eval_fraction: float,
+        salt: str,
+        report: LoadReport,
+        split: str = "customer",
     ) -> MerchantData:
+        """`split="customer"`: held-out customers never train; `split="time"`: training sessions end
+        before a cut-off, evaluation sessions start after it (no future events in training)."""
         candidates, stats = build_candidates(task, events)
-        train, held_out = split_customers(candidates, eval_fraction=eval_fraction, salt=salt)
+        if split == "time":
+            train, held_out, _ = split_by_time(candidates, eval_fraction=eval_fraction)
+        elif split == "customer":
+            train_ids, eval_ids = split_customers(candidates, eval_fraction=eval_fraction, salt=salt)
+            train = {c: candidates[c] for c in train_ids}
+            held_out = {c: candidates[c] for c in eval_ids}
+        else:
+            raise ValueError(f"eval-split must be 'customer' or 'time', got {split!r}")
         if not train or not held_out:
             raise ValueError(
-                f"need customers for both training and evaluation, got {len(train)} and {len(held_out)} "
-                f"from {len(candidates)} customers with a {task.name} example; "
+                f"need examples for both training and evaluation, got {len(train)} and {len(held_out)} "
+                f"customers from {len(candidates)} with a {task.name} example; "
                 "add data or change eval-fraction"
             )
-        return cls(task, candidates, train, held_out, stats, report)
+        return cls(task, train, held_out, stats, report)
+
+    @property
+    def train_customers(self) -> list[str]:
+        return sorted(self.train_candidates)
+
+    @property
+    def eval_customers(self) -> list[str]:
+        return sorted(self.eval_candidates)
 
     def train_round(self, round_seed: object) -> list[Candidate]:
         """This round's training set: at most one example per training customer."""
-        return one_per_customer(self.candidates, self.train_customers, round_seed=round_seed)
+        return one_per_customer(self.train_candidates, self.train_customers, round_seed=round_seed)
 
     def evaluation(self) -> list[Candidate]:
         """The fixed held-out set: one example per evaluation customer, the same every round."""
-        return one_per_customer(self.candidates, self.eval_customers, round_seed="eval")
+        return one_per_customer(self.eval_candidates, self.eval_customers, round_seed="eval")
 
 
 class Encoder:

@@ -66,10 +66,12 @@ def cached_encoder(backbone: str, max_length: int) -> Encoder:
 
 @lru_cache(maxsize=4)
 def cached_data(
-    data_dir: Path, state_dir: Path, task: TaskSpec, eval_fraction: float, salt: str
+    data_dir: Path, state_dir: Path, task: TaskSpec, eval_fraction: float, salt: str, split: str
 ) -> MerchantData:
     events, report = load_events(data_dir, state_dir)
-    data = MerchantData.build(events, task, eval_fraction=eval_fraction, salt=salt, report=report)
+    data = MerchantData.build(
+        events, task, eval_fraction=eval_fraction, salt=salt, report=report, split=split
+    )
     log.info(
         "%s: %d events (%d quarantined), %d train / %d held-out customers",
         salt,
@@ -90,7 +92,12 @@ def _prepare(
     model = cached_model(backbone, task.num_labels, cfg.lora, cfg.pooling, str(device))
     encoder = cached_encoder(backbone, cfg.max_length)
     data = cached_data(
-        settings.data_dir, settings.state_dir, task, settings.eval_fraction, settings.merchant_id
+        settings.data_dir,
+        settings.state_dir,
+        task,
+        settings.eval_fraction,
+        settings.merchant_id,
+        cfg.eval_split,
     )
     return model, encoder, data, device
 

@@ -26,6 +26,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     task: str = "purchase-intent"
+    eval_split: str = Field(
+        "customer", pattern="^(customer|time)$", description="held-out customers or later sessions"
+    )
     category_labels: str = Field(",".join(DEFAULT_CATEGORIES), description="category-intent's label list")
     backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
     num_rounds: int = Field(3, ge=1)

@@ -24,6 +24,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from shared.schema import FUNNEL_BEHAVIORS, Behavior, Event
 
@@ -76,6 +77,7 @@ class Candidate:
     session_id: str
     prefix: tuple[Event, ...]
     label: int
+    ends_at: datetime | None = None  # time of the session's last event: the label may use events up to it
 
 
 @dataclass
@@ -174,7 +176,7 @@ def build_candidates(task: TaskSpec, events: Iterable[Event]) -> tuple[dict[str,
             stats.skip(built)
             continue
         prefix, label = built
-        by_customer[customer].append(Candidate(customer, session_id, prefix, label))
+        by_customer[customer].append(Candidate(customer, session_id, prefix, label, session[-1].timestamp))
         stats.candidates += 1
     return dict(by_customer), stats
 
@@ -203,3 +205,27 @@ def one_per_customer(
         if options:
             chosen.append(options[stable_hash("pick", round_seed, customer) % len(options)])
     return chosen
+
+
+def split_by_time(
+    candidates: dict[str, list[Candidate]], *, eval_fraction: float
+) -> tuple[dict[str, list[Candidate]], dict[str, list[Candidate]], datetime]:
+    """Training candidates from sessions that end before a cut-off time, evaluation candidates from
+    sessions that start at or after it (the cut-off leaves about `eval_fraction` of sessions for
+    evaluation). No event at or after the cut-off reaches training, neither as input nor as label."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    starts = sorted(c.prefix[0].timestamp for cs in candidates.values() for c in cs)
+    if not starts:
+        raise ValueError("no candidates to split")
+    cutoff = starts[min(len(starts) - 1, int(len(starts) * (1.0 - eval_fraction)))]
+    train: dict[str, list[Candidate]] = {}
+    held_out: dict[str, list[Candidate]] = {}
+    for customer, cands in candidates.items():
+        before = [c for c in cands if c.ends_at is not None and c.ends_at < cutoff]
+        after = [c for c in cands if c.prefix[0].timestamp >= cutoff]
+        if before:
+            train[customer] = before
+        if after:
+            held_out[customer] = after
+    return train, held_out, cutoff

@@ -77,3 +77,22 @@ def test_top_k_accuracy_matches_sklearn() -> None:
     for k in (1, 3, 5):
         expected = top_k_accuracy_score(labels, probs, k=k, labels=list(range(9)))
         assert top_k_accuracy(labels, probs, k) == pytest.approx(expected)
+
+
+def test_time_split_keeps_the_future_out_of_training(tmp_path) -> None:
+    from client.data import MerchantData, load_events
+    from simulations.generator import generate_merchant
+
+    generate_merchant(5, 1, tmp_path, base_customers=80)
+    events, report = load_events(tmp_path, tmp_path / "state")
+    data = MerchantData.build(
+        events, get_task("category-intent"), eval_fraction=0.25, salt="m", report=report, split="time"
+    )
+    last_train = max(c.ends_at for cs in data.train_candidates.values() for c in cs)  # type: ignore[type-var]
+    first_eval = min(c.prefix[0].timestamp for cs in data.eval_candidates.values() for c in cs)
+    assert last_train < first_eval
+    n_train = sum(len(cs) for cs in data.train_candidates.values())
+    n_eval = sum(len(cs) for cs in data.eval_candidates.values())
+    assert 0.1 < n_eval / (n_train + n_eval) < 0.4
+    chosen = data.train_round("r1")
+    assert len({c.customer_id for c in chosen}) == len(chosen)  # one example per customer
