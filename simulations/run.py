@@ -43,6 +43,9 @@ def simulate(
 
     from client.app import app as client_app
 
+    # Flower logs through its own console handler; without this its DEBUG records also reach ours.
+    logging.getLogger("flwr").propagate = False
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_merchant, "num_gpus": gpus_per_merchant},
