@@ -114,7 +114,7 @@ def run_federated(
     return Coordinator(cfg, federation, run_dir).run(resume=resume)
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+def build_server_app(overrides: Mapping[str, Any] | None = None, *, announce: bool = True) -> ServerApp:
     """A ServerApp whose run config is `[tool.flwr.app.config]` overridden by `overrides`.
 
     `run_simulation` passes an empty run config, so the simulation runner hands its values in here.
@@ -125,7 +125,8 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         values = {**dict(context.run_config), **dict(overrides or {})}
         run_dir = run_federated(grid, values, context.run_id)
-        print(f"run folder: {run_dir}", flush=True)
+        if announce:  # `flwr run` shows the ServerApp's output; `fedbehavior simulate` prints it last
+            print(f"run folder: {run_dir}", flush=True)
 
     return server_app
 

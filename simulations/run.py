@@ -52,7 +52,7 @@ def simulate(
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     run_simulation(
-        server_app=build_server_app(cfg.to_record()),
+        server_app=build_server_app(cfg.to_record(), announce=False),
         client_app=client_app,
         num_supernodes=merchants,
         backend_config=backend,
