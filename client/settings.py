@@ -40,6 +40,7 @@ class MerchantSettings(BaseModel):
     @classmethod
     def from_merchant_dir(cls, folder: Path, **overrides: Any) -> MerchantSettings:
         """Settings of a merchant folder: `merchant.json` there, data in it, state in `folder/state`."""
+        folder = Path(folder).resolve()
         path = folder / SETTINGS_FILE
         values: dict[str, Any] = {"data_dir": folder, "state_dir": folder / "state"}
         if path.exists():

@@ -228,3 +228,12 @@ def test_unknown_setting_rejected(tmp_path: Path) -> None:
     folder = write_merchant(tmp_path / "m", merchant_id="shop", max_epsilonn=1.0)
     with pytest.raises(ValueError, match="max_epsilonn"):
         MerchantSettings.from_merchant_dir(folder)
+
+
+def test_relative_merchant_folder_resolves_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "merchant.json").write_text('{"merchant_id": "m", "state_dir": "st"}')
+    monkeypatch.chdir(tmp_path)
+    settings = MerchantSettings.from_merchant_dir(Path("shop"))
+    assert settings.data_dir == tmp_path / "shop"
+    assert settings.state_dir == tmp_path / "shop" / "st"  # relative to the merchant folder
