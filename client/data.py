@@ -54,6 +54,35 @@ def _reason(err: Exception) -> str:
 STORE_DIR = "store"
 
 
+class _Quarantine:
+    """Collects rejected rows with their reason; `finish` writes them and fills the report's counts."""
+
+    def __init__(self) -> None:
+        self.report = LoadReport()
+        self.rows: list[str] = []
+
+    def add(self, err: Exception, where: dict[str, object]) -> None:
+        reason = _reason(err)
+        key = reason.split(":")[0]
+        self.report.reasons[key] = self.report.reasons.get(key, 0) + 1
+        self.rows.append(json.dumps({**where, "reason": reason}, ensure_ascii=False))
+
+    def finish(self, good: int, quarantine_dir: Path) -> LoadReport:
+        self.report.good, self.report.quarantined = good, len(self.rows)
+        # rewritten on every load, so it never lists rows of an earlier, since corrected, export
+        path = quarantine_dir / QUARANTINE_FILE
+        atomic_write_bytes(path, "".join(r + "\n" for r in self.rows).encode("utf-8"))
+        if self.rows:
+            log.warning(
+                "%d of %d rows quarantined to %s: %s",
+                len(self.rows),
+                self.report.total,
+                path,
+                self.report.reasons,
+            )
+        return self.report
+
+
 def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], LoadReport]:
     """Validated events of the merchant: the Parquet store written by `fedbehavior merchant ingest`
     (`data_dir/store/`) when there is one, else `data_dir/events.jsonl`. Bad rows are quarantined."""
@@ -66,37 +95,18 @@ def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], Load
             "events, or ingest an export first (fedbehavior merchant ingest)"
         )
     events: list[Event] = []
-    report = LoadReport()
-    bad: list[str] = []
+    quarantine = _Quarantine()
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
-            report.total += 1
+            quarantine.report.total += 1
             try:
                 events.append(Event.model_validate(json.loads(raw.decode("utf-8"))))
             except (ValidationError, ValueError, TypeError) as err:  # JSON and UTF-8 errors are ValueErrors
-                reason = _reason(err)
-                key = reason.split(":")[0]
-                report.reasons[key] = report.reasons.get(key, 0) + 1
-                bad.append(
-                    json.dumps(
-                        {"line": line_no, "reason": reason, "row": line.rstrip("\n")}, ensure_ascii=False
-                    )
-                )
-    report.good, report.quarantined = len(events), len(bad)
-    # rewritten on every load, so it never lists rows of an earlier, since corrected, export
-    atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, "".join(b + "\n" for b in bad).encode("utf-8"))
-    if bad:
-        log.warning(
-            "%d of %d rows quarantined to %s: %s",
-            len(bad),
-            report.total,
-            quarantine_dir / QUARANTINE_FILE,
-            report.reasons,
-        )
-    return events, report
+                quarantine.add(err, {"line": line_no, "row": line.rstrip("\n")})
+    return events, quarantine.finish(len(events), quarantine_dir)
 
 
 def _load_store(store: Path, quarantine_dir: Path) -> tuple[list[Event], LoadReport]:
@@ -104,26 +114,16 @@ def _load_store(store: Path, quarantine_dir: Path) -> tuple[list[Event], LoadRep
     import pyarrow.parquet as pq
 
     events: list[Event] = []
-    report = LoadReport()
-    bad: list[str] = []
+    quarantine = _Quarantine()
     for part in sorted(store.glob("*.parquet")):
         for row in pq.read_table(part).to_pylist():
-            report.total += 1
+            quarantine.report.total += 1
             fields = {k: v for k, v in row.items() if v is not None and k != "source_row"}
             try:
                 events.append(Event.model_validate(fields))
             except ValidationError as err:
-                reason = _reason(err)
-                report.reasons[reason.split(":")[0]] = report.reasons.get(reason.split(":")[0], 0) + 1
-                bad.append(
-                    json.dumps(
-                        {"file": part.name, "source_row": row.get("source_row"), "reason": reason},
-                        ensure_ascii=False,
-                    )
-                )
-    report.good, report.quarantined = len(events), len(bad)
-    atomic_write_bytes(quarantine_dir / QUARANTINE_FILE, "".join(b + "\n" for b in bad).encode("utf-8"))
-    return events, report
+                quarantine.add(err, {"file": part.name, "source_row": row.get("source_row")})
+    return events, quarantine.finish(len(events), quarantine_dir)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -89,7 +89,3 @@ def outgoing_guard(state: Mapping[str, torch.Tensor], spec: AdapterSpec) -> Adap
     """Check and return what may leave a merchant; raise `OutgoingGuardError` otherwise."""
     spec.check(state, what="outgoing update")
     return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    return isinstance(_unwrap(model), PeftModel)

@@ -141,9 +141,3 @@ def build_model(
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def describe(model: Any) -> str:
-    trainable = sum(p.numel() for p in trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
-    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
