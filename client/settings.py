@@ -1,7 +1,8 @@
-"""The merchant's own settings: where its data and state live and its privacy budget.
+"""The merchant's own settings: where its data and state live, its privacy budget, its daemon.
 
-They come from the SuperNode's node config (`--node-config`), or from a `merchant.json` file in the
-merchant folder, never from the coordinator: max-epsilon and delta are the merchant's decision.
+They come from `merchant.toml` in the merchant folder (written by `fedbehavior merchant init`; the
+older `merchant.json` is read too), environment variables `FEDBEHAVIOR_MERCHANT_*`, and the
+SuperNode's node config, never from the coordinator: max-epsilon and delta are the merchant's decision.
 """
 
 from __future__ import annotations
@@ -11,19 +12,36 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import FileSettings
 
 SETTINGS_FILE = "merchant.json"
+TOML_FILE = "merchant.toml"
 
 
-class MerchantSettings(BaseModel):
-    """Where the merchant's data is, where its ledger goes, and how much privacy it may spend."""
+class DaemonSettings(BaseModel):
+    """How this merchant's SuperNode reaches the coordinator (`[daemon]` in merchant.toml)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    superlink: str = Field("127.0.0.1:8000", description="coordinator address host:port")
+    root_certificates: Path | None = Field(None, description="CA certificate that signed the SuperLink's")
+    private_key: Path | None = Field(Path("keys/supernode"), description="SuperNode key (OpenSSH, 0600)")
+    insecure: bool = Field(False, description="plaintext and unauthenticated: development only")
+    runtime_port: int = Field(9094, gt=0, lt=65536, description="local port for the SuperNode's ClientApps")
+    max_wait_s: float | None = Field(None, gt=0, description="give up reconnecting after this long")
+
+
+class MerchantSettings(FileSettings):
+    """Where the merchant's data is, where its ledger goes, and how much privacy it may spend."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDBEHAVIOR_MERCHANT_")
+
     merchant_id: str = Field(min_length=1)
-    data_dir: Path
-    state_dir: Path
+    data_dir: Path = Path(".")
+    state_dir: Path = Path("state")
     max_epsilon: float = Field(8.0, gt=0.0)
     delta: float = Field(1e-6, gt=0.0, lt=1e-2, description="well below 1/customers")
     min_noise_multiplier: float = Field(0.3, ge=0.0, description="floor, whatever the server suggests")
@@ -32,6 +50,7 @@ class MerchantSettings(BaseModel):
     )
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    daemon: DaemonSettings = DaemonSettings()
 
     @property
     def ledger_path(self) -> Path:
@@ -39,8 +58,11 @@ class MerchantSettings(BaseModel):
 
     @classmethod
     def from_merchant_dir(cls, folder: Path, **overrides: Any) -> MerchantSettings:
-        """Settings of a merchant folder: `merchant.json` there, data in it, state in `folder/state`."""
+        """Settings of a merchant folder: `merchant.toml` (or `merchant.json`) there; paths relative to it."""
         folder = Path(folder).resolve()
+        toml_path = folder / TOML_FILE
+        if toml_path.exists():
+            return cls.load(toml_path, **overrides)
         path = folder / SETTINGS_FILE
         values: dict[str, Any] = {"data_dir": folder, "state_dir": folder / "state"}
         if path.exists():
@@ -52,15 +74,12 @@ class MerchantSettings(BaseModel):
         for key in ("data_dir", "state_dir"):  # relative paths are relative to the merchant folder
             if not Path(values[key]).is_absolute():
                 values[key] = folder / values[key]
-        return cls.parse(values, source=str(path))
+        source = str(path) if path.exists() else f"{folder} (no {TOML_FILE}: run fedbehavior merchant init)"
+        return cls.load(None, source=source, **values)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any], *, source: str) -> MerchantSettings:
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            raise ValueError(f"invalid merchant settings in {source}: {problems}") from None
+        return cls.load(None, source=source, **values)
 
 
 def from_node_config(node_config: Mapping[str, Any], sim_root: str) -> MerchantSettings:

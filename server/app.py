@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from server.audit import WireAudit
 from server.coordinator import FAILED, Coordinator, Reply
 from shared import protocol
 from shared.adapters import AdapterState
@@ -26,8 +27,10 @@ NODE_WAIT_S = 600.0
 class GridFederation:
     """The coordinator's view of Flower's Grid: node ids, and train/evaluate round trips."""
 
-    def __init__(self, grid: Grid, run_key: str, timeout: float | None) -> None:
-        self.grid, self.run_key, self.timeout = grid, run_key, timeout
+    def __init__(
+        self, grid: Grid, run_key: str, timeout: float | None, audit: WireAudit | None = None
+    ) -> None:
+        self.grid, self.run_key, self.timeout, self.audit = grid, run_key, timeout, audit
 
     def node_ids(self, minimum: int) -> list[int]:
         deadline = time.monotonic() + NODE_WAIT_S
@@ -55,9 +58,14 @@ class GridFederation:
             }
         )
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-        replies = {
-            m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=self.timeout)
-        }
+        received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        # Match replies to requests by message id: when a merchant drops out, the SuperLink answers
+        # in its place (an error reply whose source is the SuperLink, not the merchant's node).
+        node_of = {m.metadata.message_id: n for m, n in zip(messages, nodes, strict=True)}
+        replies = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in received}
+        if self.audit is not None:
+            for n in nodes:
+                self.audit.record(server_round, n, replies.get(n))
         return [decode_reply(n, replies.get(n)) for n in nodes]
 
     def train(
@@ -110,8 +118,10 @@ def run_federated(
     cfg = resolve_paths(RunConfig.parse(run_config), run_id)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     log.info("run %s → %s", cfg.run_name, run_dir)
-    federation = GridFederation(grid, run_key=cfg.run_name, timeout=None)
-    return Coordinator(cfg, federation, run_dir).run(resume=resume)
+    federation = GridFederation(
+        grid, run_key=cfg.run_name, timeout=cfg.round_timeout or None, audit=WireAudit(run_dir)
+    )
+    return Coordinator(cfg, federation, run_dir).run(resume=resume or cfg.resume)
 
 
 def build_server_app(overrides: Mapping[str, Any] | None = None, *, announce: bool = True) -> ServerApp:

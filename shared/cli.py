@@ -70,6 +70,10 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from shared.privacy.accounting import Charge, epsilon_of
 
     path = Path(args.ledger)
+    if (path / "merchant.toml").exists():
+        from client.settings import MerchantSettings
+
+        path = MerchantSettings.from_merchant_dir(path).ledger_path
     if path.is_dir():
         path = (
             path / "privacy-ledger.json"
@@ -142,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate = merchant.add_parser("validate-data", help="validate events.jsonl and quarantine bad rows")
     validate.add_argument("merchant_dir")
     validate.set_defaults(func=cmd_validate)
+    from client.cli import add_merchant_daemon_cli
     from client.ingest.cli import add_ingest_cli
+    from server.cli import add_coordinator_cli
 
     add_ingest_cli(merchant)
+    add_merchant_daemon_cli(merchant)
+    add_coordinator_cli(sub)
     return parser
 
 
@@ -159,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -50,6 +50,10 @@ class RunConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_target_modules: str = "query,value"
     seed: int = 0
+    round_timeout: float = Field(
+        0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
+    )
+    resume: bool = Field(False, description="continue run-name from its last checkpoint")
     run_name: str = ""
     runs_dir: str = ""
     sim_root: str = ""

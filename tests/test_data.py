@@ -174,7 +174,7 @@ def test_from_merchant_dir_invalid_json(tmp_path: Path) -> None:
 
 
 def test_from_merchant_dir_without_file_needs_merchant_id(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="merchant_id"):
+    with pytest.raises(ValueError, match=r"merchant-id. is required"):
         MerchantSettings.from_merchant_dir(tmp_path)
 
 
@@ -226,7 +226,7 @@ def test_delta_just_below_limit_accepted(tmp_path: Path) -> None:
 
 def test_unknown_setting_rejected(tmp_path: Path) -> None:
     folder = write_merchant(tmp_path / "m", merchant_id="shop", max_epsilonn=1.0)
-    with pytest.raises(ValueError, match="max_epsilonn"):
+    with pytest.raises(ValueError, match=r"unknown key .max-epsilonn"):
         MerchantSettings.from_merchant_dir(folder)
 
 

@@ -1,0 +1,171 @@
+"""The merchant's daemon: a Flower SuperNode next to the merchant's data.
+
+`init_merchant` prepares a merchant folder (key pair + merchant.toml); `Merchant.start` launches the
+SuperNode with the merchant folder in its node config, so every ClientApp it runs reads this
+merchant's settings and data locally. The SuperNode reconnects by itself when the coordinator goes
+away and comes back; the ledger in `state/` survives restarts of either side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.settings import TOML_FILE, MerchantSettings
+from shared.daemon import Daemon, bin_path_env, flower_executable
+from shared.pki import check_secret_permissions, make_merchant_keys
+
+INSECURE_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! INSECURE MODE: this merchant talks to the coordinator in plaintext, without checking who the   !!
+!! coordinator is and without authenticating itself. Development only.                            !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+TEMPLATE = """# fedbehavior merchant settings (written by `fedbehavior merchant init`).
+# Environment variables FEDBEHAVIOR_MERCHANT_<KEY> override these (e.g. FEDBEHAVIOR_MERCHANT_MAX_EPSILON=4;
+# FEDBEHAVIOR_MERCHANT_DAEMON__SUPERLINK=host:port). Relative paths are relative to this file's folder.
+
+merchant-id = {merchant_id}
+# Your privacy budget: training stops for good once this epsilon would be exceeded.
+max-epsilon = {max_epsilon}
+delta = {delta}
+# Events (events.jsonl or an ingested store/) and the privacy ledger.
+data-dir = "."
+state-dir = "state"
+
+[daemon]
+superlink = {superlink}
+{root_line}
+{key_line}
+insecure = {insecure}
+runtime-port = {runtime_port}
+"""
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def init_merchant(
+    folder: Path,
+    *,
+    merchant_id: str,
+    superlink: str,
+    root_certificates: Path | None,
+    max_epsilon: float = 8.0,
+    delta: float = 1e-6,
+    insecure: bool = False,
+    runtime_port: int = 9094,
+) -> MerchantSettings:
+    """Create `merchant.toml` and (unless insecure) an authentication key pair in `folder/keys/`."""
+    folder = folder.expanduser().resolve()
+    path = folder / TOML_FILE
+    if path.exists():
+        raise FileExistsError(f"{path} exists already; edit it, or init another folder")
+    if not insecure:
+        if root_certificates is None:
+            raise ValueError(
+                "give --root-certificates (the coordinator's CA certificate, ca.crt) or, for a "
+                "development try-out only, --insecure"
+            )
+        root_certificates = root_certificates.expanduser().resolve()
+        if not root_certificates.exists():
+            raise FileNotFoundError(
+                f"no CA certificate at {root_certificates}; ask the coordinator for ca.crt"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = None if insecure else make_merchant_keys(folder / "keys")
+    text = TEMPLATE.format(
+        merchant_id=_toml_str(merchant_id),
+        max_epsilon=float(max_epsilon),
+        delta=float(delta),
+        superlink=_toml_str(superlink),
+        root_line=(
+            f"root-certificates = {_toml_str(str(root_certificates))}"
+            if root_certificates
+            else '# root-certificates = "ca.crt"'
+        ),
+        key_line=(
+            "# private-key: never share it; send keys/supernode.pub to the coordinator\n"
+            f"private-key = {_toml_str(str(keys.private_key.relative_to(folder)))}"
+            if keys
+            else '# private-key = "keys/supernode"'
+        ),
+        insecure=str(insecure).lower(),
+        runtime_port=int(runtime_port),
+    )
+    path.write_text(text, encoding="utf-8")
+    return MerchantSettings.from_merchant_dir(folder)
+
+
+@dataclass(frozen=True)
+class Merchant:
+    folder: Path
+    settings: MerchantSettings
+
+    @classmethod
+    def open(cls, folder: Path) -> Merchant:
+        folder = folder.expanduser().resolve()
+        if not (folder / TOML_FILE).exists():
+            raise FileNotFoundError(
+                f"no {TOML_FILE} in {folder}: create it with `fedbehavior merchant init {folder} "
+                f"--merchant-id <name> --superlink <host:port> --root-certificates <ca.crt>`"
+            )
+        return cls(folder, MerchantSettings.from_merchant_dir(folder))
+
+    @property
+    def supernode(self) -> Daemon:
+        return Daemon("supernode", self.settings.state_dir)
+
+    def supernode_command(self) -> list[str]:
+        d = self.settings.daemon
+        node_config = f"merchant-dir={_toml_str(str(self.folder))}"
+        cmd = [
+            flower_executable("flower-supernode"),
+            "--superlink",
+            d.superlink,
+            "--node-config",
+            node_config,
+            "--isolation",
+            "subprocess",
+            "--port",
+            str(d.runtime_port),
+        ]
+        if d.max_wait_s is not None:
+            cmd += ["--max-wait-time", str(d.max_wait_s)]
+        if d.insecure:
+            return [*cmd, "--insecure"]
+        if d.root_certificates is None or not d.root_certificates.exists():
+            raise FileNotFoundError(
+                f"root-certificates {d.root_certificates} not found: set [daemon] root-certificates in "
+                f"{self.folder / TOML_FILE} to the coordinator's CA certificate"
+            )
+        if d.private_key is None or not d.private_key.exists():
+            raise FileNotFoundError(
+                f"private key {d.private_key} not found: `fedbehavior merchant init` creates one, or set "
+                f"[daemon] private-key in {self.folder / TOML_FILE}"
+            )
+        check_secret_permissions(d.private_key)
+        cmd += ["--root-certificates", str(d.root_certificates)]
+        cmd += ["--auth-supernode-private-key", str(d.private_key)]
+        return cmd
+
+    def start(self) -> int:
+        if self.settings.daemon.insecure:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        return self.supernode.start(self.supernode_command(), env=self.env())
+
+    def env(self) -> dict[str, str]:
+        return {
+            **bin_path_env(),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "FLWR_HOME": str(self.settings.state_dir / "flwr"),
+        }
+
+    def stop(self) -> bool:
+        return self.supernode.stop()
