@@ -231,6 +231,7 @@ class CoordinatorHome:
                 known = ", ".join(sorted(p.name for p in self.runs.glob("*") if p.is_dir())) or "none"
                 raise FileNotFoundError(f"no run named {resume!r} in {self.runs} (runs: {known})")
             name = resume
+            self.stop_run(resume)  # a run left "running" by a dead coordinator must not compete
         name = name or f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         run_dir = self.runs / name
         if (run_dir / "metrics.jsonl").exists() and not resume:

@@ -1,0 +1,234 @@
+"""A real deployment on loopback: SuperLink + three SuperNode processes, TLS and merchant authentication.
+
+The tests of this module share one deployment and run in file order: security refusals first (before
+the merchants join), then a two-round run, then faults (a merchant SIGKILLed mid-round; the
+coordinator SIGKILLed mid-run and resumed, with one merchant whose budget is spent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.audit import audit_problems, read_audit
+from server.deploy import run_summary
+from shared.adapters import AdapterSpec, extract_adapter
+from shared.config import RunConfig
+from shared.model import build_model
+from shared.pki import make_dev_certificates
+from shared.privacy import Charge, epsilon_of
+from tests.deploy_helpers import Deployment, wait_for
+
+pytestmark = pytest.mark.slow
+
+SHOPS = ("shop-a", "shop-b", "shop-c")
+RUN_TIMEOUT = 900.0
+
+
+def run_config(tiny_bert: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "backbone": tiny_bert,
+        "num-rounds": 2,
+        "min-train-nodes": 2,
+        "min-evaluate-nodes": 2,
+        "min-available-nodes": 3,
+        "batch-size": 16,
+        "max-length": 32,
+        "lora-r": 2,
+        "noise-multiplier": 1.0,  # a fixed σ: each run spends part of the budget, several runs fit
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(tmp_path_factory.mktemp("deploy"))
+    d.start_coordinator()
+    for index, name in enumerate(SHOPS):
+        d.add_merchant(name, index)
+    try:
+        yield d
+    finally:
+        survivors = d.shutdown()
+        assert survivors == [], f"processes left running: {survivors}"
+
+
+def rows_of(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def epsilons(ledger: dict[str, Any]) -> list[float]:
+    """ε after each charge, recomputed from the ledger's history (independently of its own total)."""
+    history = [Charge.from_json(h) for h in ledger["history"]]
+    return [epsilon_of(history[: i + 1], ledger["delta"]) for i in range(len(history))]
+
+
+# ---------------------------------------------------------------------------------------- security
+
+
+def test_intruders_are_refused(deployment: Deployment) -> None:
+    d = deployment
+    other_ca = make_dev_certificates(d.root / "other-ca", ["localhost", "127.0.0.1"])
+    d.add_merchant("wrong-ca", 0, root_certificates=other_ca.ca_cert, max_wait_s=6)  # key registered
+    d.add_merchant("unregistered", 1, register=False, max_wait_s=6)
+    d.add_merchant("plaintext", 2, insecure=True, max_wait_s=6)
+    intruders = ("wrong-ca", "unregistered", "plaintext")
+    for name in intruders:
+        d.start_merchant(name)
+    for name in intruders:  # each gives up and exits: the SuperLink never let it in
+        wait_for(lambda n=name: d.merchants[n].supernode.pid() is None, 90, f"{name} to exit")
+    logs = {n: d.merchants[n].supernode.log_file.read_text(errors="replace") for n in intruders}
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["wrong-ca"]
+    assert "Failed to activate SuperNode" in logs["unregistered"]
+    assert "could not establish a connection" in logs["plaintext"]
+    assert d.online() == 0
+    for name in intruders:
+        del d.merchants[name]
+
+
+def test_private_keys_owner_only_and_never_logged(deployment: Deployment) -> None:
+    d = deployment
+    keys = [d.certs.ca_key, d.certs.server_key] + [
+        d.merchants[n].settings.daemon.private_key
+        for n in SHOPS  # type: ignore[misc]
+    ]
+    for key in keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    # the base64 body of every private key appears in no log, settings or run file
+    secrets = [line for k in keys for line in k.read_text().splitlines() if "PRIVATE KEY" not in line]
+    texts = [p.read_text(errors="replace") for p in d.root.rglob("*.log")]
+    texts += [p.read_text() for p in d.root.rglob("*.toml")]
+    assert secrets and texts
+    assert not any(s in t for s in secrets for t in texts)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def e2e(deployment: Deployment, tiny_bert: str) -> tuple[Any, str]:
+    d = deployment
+    for name in SHOPS:
+        d.start_merchant(name)
+    d.wait_online(3)
+    launch = d.coordinator.launch(run_config(tiny_bert, **{"min-train-nodes": 3}), name="e2e")
+    return launch, d.coordinator.wait(launch, RUN_TIMEOUT)
+
+
+def test_two_rounds_over_tls_with_authentication(e2e: tuple[Any, str], deployment: Deployment) -> None:
+    launch, status = e2e
+    assert status == "finished:completed"
+    rows = rows_of(launch.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert {m: v["status"] for m, v in row["merchants"].items()} == dict.fromkeys(SHOPS, "trained")
+    assert (launch.run_dir / "final" / "adapter_model.safetensors").exists()
+    for name in SHOPS:
+        charges = [h for h in deployment.ledger(name)["history"] if h["run_id"] == "e2e"]
+        assert [c["round"] for c in charges] == [1, 2]
+    summary = run_summary(launch.run_dir)
+    assert summary["round"] == 2 and summary["final"]
+    assert set(summary["merchants"]) == set(SHOPS)
+
+
+def test_every_message_a_merchant_sent_is_audited(e2e: tuple[Any, str], tiny_bert: str) -> None:
+    launch, _ = e2e
+    cfg = RunConfig.parse(run_config(tiny_bert))
+    model = build_model(tiny_bert, num_labels=cfg.task_spec.num_labels, lora=cfg.lora, pooling=cfg.pooling)
+    spec = AdapterSpec.of(model)
+    expected = {k: tuple(v.shape) for k, v in extract_adapter(model).items()}
+    entries = read_audit(launch.run_dir)
+    train = [e for e in entries if e["message_type"] == "train"]
+    evaluate = [e for e in entries if e["message_type"] == "evaluate"]
+    assert len(train) == 3 * 2 and len(evaluate) == 3 * 3  # 3 merchants; 2 rounds; evaluation of 0, 1, 2
+    assert audit_problems(entries, expected) == []
+    for e in train:  # each trained reply carries exactly the adapter, as float32 bytes
+        assert set(e["records"]) == {"arrays", "metrics", "status"}
+        assert e["bytes"] == spec.num_bytes
+    for e in evaluate:
+        assert "arrays" not in e["records"]
+    # no merchant text travels: every string sent is a status word, a merchant id, or empty
+    strings = {
+        v
+        for e in entries
+        for r in e["records"].values()
+        if r["type"] == "config"
+        for v in r["values"].values()
+    }
+    assert strings <= {"trained", "evaluated", "", *SHOPS}
+    rows = rows_of(launch.run_dir)
+    assert all(m["bytes_up"] == spec.num_bytes for r in rows[1:] for m in r["merchants"].values())
+
+
+# ---------------------------------------------------------------------------------------- faults
+
+
+def test_merchant_killed_mid_round_rejoins_and_its_ledger_continues(
+    e2e: tuple[Any, str], deployment: Deployment, tiny_bert: str
+) -> None:
+    d = deployment
+    victim = "shop-c"
+    before = epsilons(d.ledger(victim))
+    launch = d.coordinator.launch(run_config(tiny_bert, **{"round-timeout": 240.0}), name="crash")
+
+    def charged() -> bool:
+        return any(h["run_id"] == "crash" for h in d.ledger(victim)["history"])
+
+    wait_for(charged, 300, f"{victim} to charge its ledger for round 1")
+    d.merchants[victim].supernode.kill()  # SIGKILL the SuperNode and its ClientApp mid-round
+    at_crash = epsilons(d.ledger(victim))
+    wait_for(lambda: len(rows_of(launch.run_dir)) >= 2, 400, "round 1 to complete without the victim")
+    d.start_merchant(victim)  # the daemon restarts and rejoins; round 2 waits for 3 merchants
+    assert d.coordinator.wait(launch, RUN_TIMEOUT) == "finished:completed"
+
+    rows = rows_of(launch.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    round1 = {m: v["status"] for m, v in rows[1]["merchants"].items()}
+    assert round1.pop("shop-a") == "trained" and round1.pop("shop-b") == "trained"
+    assert list(round1.values()) == ["failed"]  # the victim, known only by its node id
+    assert rows[2]["merchants"][victim]["status"] == "trained"
+    after = epsilons(d.ledger(victim))
+    assert after[: len(at_crash)] == at_crash  # the charge made before the crash stayed charged
+    assert len(at_crash) == len(before) + 1 and len(after) == len(at_crash) + 1
+    assert all(b >= a for a, b in itertools.pairwise(after))  # ε never decreases
+
+
+def test_coordinator_killed_mid_run_resumes_and_spent_budget_is_refused(
+    e2e: tuple[Any, str], deployment: Deployment, tiny_bert: str
+) -> None:
+    d = deployment
+    # shop-a spends no more: its max-epsilon drops to what it has already spent
+    toml = d.merchants["shop-a"].folder / "merchant.toml"
+    spent = d.ledger("shop-a")["epsilon"]
+    toml.write_text(re.sub(r"(?m)^max-epsilon = .*$", f"max-epsilon = {spent + 1e-3}", toml.read_text()))
+    launch = d.coordinator.launch(run_config(tiny_bert), name="resume")
+    wait_for(lambda: len(rows_of(launch.run_dir)) >= 2, 400, "round 1 of the run")
+    d.coordinator.superlink.kill()  # SIGKILL SuperLink, SuperExec and ServerApp
+    killed_at = time.monotonic()
+    assert d.coordinator.superlink.pid() is None
+    d.start_coordinator()  # same state database: registrations survive; merchants reconnect
+    d.wait_online(3, timeout=120)
+    resumed = d.coordinator.launch(run_config(tiny_bert), resume="resume")
+    assert d.coordinator.wait(resumed, RUN_TIMEOUT) == "finished:completed"
+
+    rows = rows_of(launch.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 1 was not run again
+    for row in rows[1:]:
+        assert row["merchants"]["shop-a"]["status"] == "refused-budget"
+        assert row["merchants"]["shop-b"]["status"] == "trained"
+    assert (launch.run_dir / "final").is_dir()
+    assert len(d.coordinator.run_ids("resume")) == 2
+    assert time.monotonic() - killed_at < RUN_TIMEOUT
+    for name in SHOPS:
+        eps = epsilons(d.ledger(name))
+        assert all(b >= a for a, b in itertools.pairwise(eps))
+    assert d.ledger("shop-a")["epsilon"] <= spent + 1e-3
