@@ -31,7 +31,12 @@ def describe_message(msg: Message) -> dict[str, Any]:
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
             tensors = {
-                key: {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": len(arr.data)}
+                key: {
+                    "shape": list(arr.shape),
+                    "dtype": str(arr.dtype),
+                    "bytes": len(arr.data),  # as sent: the values plus Flower's serialisation header
+                    "value_bytes": int(arr.numpy().nbytes),  # the values alone, from the decoded array
+                }
                 for key, arr in record.items()
             }
             records[name] = {"type": "arrays", "tensors": tensors}
@@ -81,6 +86,7 @@ def read_audit(run_dir: Path) -> list[dict[str, Any]]:
 
 ALLOWED_RECORDS = {"arrays", "metrics", "status"}
 STATUS_KEYS = {"status", "merchant-id", "reason"}
+MAX_HEADER_BYTES = 256  # a .npy header: dtype, shape, padding; anything more would be a hidden payload
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -112,9 +118,13 @@ def audit_problems(entries: list[dict[str, Any]], expected: dict[str, tuple[int,
                         numel *= d
                     if width is None:
                         problems.append(f"{where}: {key} has dtype {t['dtype']}, not a float")
-                    elif t["bytes"] != numel * width:
+                    elif t["value_bytes"] != numel * width:
                         problems.append(
-                            f"{where}: {key} carries {t['bytes']} bytes, expected {numel * width}"
+                            f"{where}: {key} holds {t['value_bytes']} bytes, expected {numel * width}"
+                        )
+                    if not 0 <= t["bytes"] - t["value_bytes"] <= MAX_HEADER_BYTES:
+                        problems.append(
+                            f"{where}: {key} sends {t['bytes']} bytes for {t['value_bytes']} bytes of values"
                         )
             elif rec["type"] == "metrics":
                 for key, value in rec["values"].items():

@@ -151,9 +151,9 @@ def test_every_message_a_merchant_sent_is_audited(e2e: tuple[Any, str], tiny_ber
     evaluate = [e for e in entries if e["message_type"] == "evaluate"]
     assert len(train) == 3 * 2 and len(evaluate) == 3 * 3  # 3 merchants; 2 rounds; evaluation of 0, 1, 2
     assert audit_problems(entries, expected) == []
-    for e in train:  # each trained reply carries exactly the adapter, as float32 bytes
+    for e in train:  # each trained reply carries exactly the adapter, as float32 values
         assert set(e["records"]) == {"arrays", "metrics", "status"}
-        assert e["bytes"] == spec.num_bytes
+        assert sum(t["value_bytes"] for t in e["records"]["arrays"]["tensors"].values()) == spec.num_bytes
     for e in evaluate:
         assert "arrays" not in e["records"]
     # no merchant text travels: every string sent is a status word, a merchant id, or empty
@@ -165,8 +165,9 @@ def test_every_message_a_merchant_sent_is_audited(e2e: tuple[Any, str], tiny_ber
         for v in r["values"].values()
     }
     assert strings <= {"trained", "evaluated", "", *SHOPS}
+    sent = {(e["round"], e["records"]["status"]["values"]["merchant-id"]): e["bytes"] for e in train}
     rows = rows_of(launch.run_dir)
-    assert all(m["bytes_up"] == spec.num_bytes for r in rows[1:] for m in r["merchants"].values())
+    assert {(r["round"], m): v["bytes_up"] for r in rows[1:] for m, v in r["merchants"].items()} == sent
 
 
 # ---------------------------------------------------------------------------------------- faults

@@ -212,8 +212,8 @@ def test_audit_flags_anything_but_expected_tensors_and_scalars() -> None:
         arrays={
             "type": "arrays",
             "tensors": {
-                "lora_A": {"shape": [2, 4], "dtype": "float32", "bytes": 32},
-                "head": {"shape": [3], "dtype": "float32", "bytes": 12},
+                "lora_A": {"shape": [2, 4], "dtype": "float32", "bytes": 160, "value_bytes": 32},
+                "head": {"shape": [3], "dtype": "float32", "bytes": 140, "value_bytes": 12},
             },
         },
         metrics={"type": "metrics", "values": {"epsilon": 1.5, "examples": 40}},
@@ -225,15 +225,17 @@ def test_audit_flags_anything_but_expected_tensors_and_scalars() -> None:
         _entry(
             arrays={
                 "type": "arrays",
-                "tensors": {"lora_A": {"shape": [2, 4], "dtype": "float32", "bytes": 33}},
+                "tensors": {
+                    "lora_A": {"shape": [2, 4], "dtype": "float32", "bytes": 1160, "value_bytes": 32}
+                },
             }
         ),
         _entry(
             arrays={
                 "type": "arrays",
                 "tensors": {
-                    "lora_A": {"shape": [4, 2], "dtype": "float32", "bytes": 32},
-                    "head": {"shape": [3], "dtype": "int64", "bytes": 24},
+                    "lora_A": {"shape": [4, 2], "dtype": "float32", "bytes": 160, "value_bytes": 32},
+                    "head": {"shape": [3], "dtype": "int64", "bytes": 152, "value_bytes": 24},
                 },
             }
         ),
@@ -242,7 +244,9 @@ def test_audit_flags_anything_but_expected_tensors_and_scalars() -> None:
     ]
     problems = [audit_problems([b], expected) for b in bad]
     assert "unexpected record 'text'" in problems[0][0]
-    assert any("missing ['head']" in p for p in problems[1]) and any("33 bytes" in p for p in problems[1])
+    assert any("missing ['head']" in p for p in problems[1]) and any(
+        "sends 1160 bytes" in p for p in problems[1]
+    )
     assert any("shape (4, 2)" in p for p in problems[2]) and any("not a float" in p for p in problems[2])
     assert "not a scalar" in problems[3][0]
     assert "query" in problems[4][0]
