@@ -21,7 +21,9 @@ def cmd_dev_certs(args: argparse.Namespace) -> int:
 
     home = _home(args)
     out = Path(args.out) if args.out else home.folder / "certs"
-    certs = make_dev_certificates(out, args.host or ["localhost", "127.0.0.1"])
+    # the coordinator's own CLI dials 127.0.0.1: the certificate must name it too
+    hosts = list(dict.fromkeys([*args.host, "localhost", "127.0.0.1"]))
+    certs = make_dev_certificates(out, hosts)
     print("DEVELOPMENT ONLY: a throw-away CA. Production coordinators use their organisation's CA.")
     print(f"  CA certificate (give to every merchant): {certs.ca_cert}")
     print(f"  SuperLink certificate and key:           {certs.server_cert}, {certs.server_key} (0600)")

@@ -30,9 +30,10 @@ import tomli_w
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.config import RunConfig
 from shared.daemon import Daemon, bin_path_env, flower_executable, wait_for_port
 from shared.fileio import atomic_write_json
-from shared.settings import FileSettings
+from shared.settings import FileSettings, read_toml
 
 CONNECTION = "fedbehavior"
 SETTINGS_FILE = "coordinator.toml"
@@ -293,13 +294,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
-    planned = None
+    planned = RunConfig().num_rounds
     for name in ("overrides-resume.toml", "overrides.toml"):
         path = run_dir / name
         if path.exists():
-            import tomllib
-
-            planned = tomllib.loads(path.read_text(encoding="utf-8")).get("num-rounds", planned)
+            planned = read_toml(path).get("num_rounds", planned)
             break
     merchants: dict[str, dict[str, Any]] = {}
     for row in rows:
