@@ -36,6 +36,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     from client.daemon import INSECURE_WARNING, Merchant
 
     merchant = Merchant.open(Path(args.merchant_dir))
+    if merchant.settings.daemon.insecure and not args.insecure:
+        raise RuntimeError(
+            f"{merchant.folder / 'merchant.toml'} says insecure = true: confirm with "
+            f"`fedbehavior merchant start {merchant.folder} --insecure` (development only), or set it to "
+            "false and give root-certificates and private-key"
+        )
     if args.foreground:
         if merchant.settings.daemon.insecure:
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
@@ -74,6 +80,9 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
     start = merchant.add_parser("start", help="start this merchant's daemon (Flower SuperNode)")
     start.add_argument("merchant_dir")
     start.add_argument("--foreground", action="store_true", help="run in this process (systemd, containers)")
+    start.add_argument(
+        "--insecure", action="store_true", help="confirm plaintext operation (development only)"
+    )
     start.set_defaults(func=cmd_start)
 
     stop = merchant.add_parser("stop", help="stop this merchant's daemon")

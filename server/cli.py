@@ -33,6 +33,12 @@ def cmd_dev_certs(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     home = _home(args, insecure=True if args.insecure else None, port=args.port, host=args.host)
+    if home.settings.insecure and not args.insecure:
+        raise RuntimeError(
+            "insecure = true in the settings, but insecure operation needs the explicit flag as well: "
+            "run `fedbehavior coordinator start --insecure` (development only), or remove it from "
+            f"{home.folder / 'coordinator.toml'} / FEDBEHAVIOR_COORDINATOR_INSECURE"
+        )
     if args.foreground:
         if home.settings.insecure:
             from server.deploy import INSECURE_WARNING

@@ -171,6 +171,12 @@ def test_insecure_is_explicit_and_loud(tmp_path: Path, capsys: pytest.CaptureFix
     )
     merchant = Merchant.open(tmp_path / "m")
     assert "--insecure" in merchant.supernode_command() and not (tmp_path / "m" / "keys").exists()
+    assert main(["merchant", "start", str(tmp_path / "m")]) == 2  # starting insecure needs the flag again
+    assert "--insecure" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "coordinator.toml").write_text("insecure = true\n")
+    assert main(["coordinator", "--home", str(tmp_path / "c"), "start"]) == 2
+    assert "explicit flag" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- daemons
