@@ -180,12 +180,15 @@ def test_merchant_killed_mid_round_rejoins_and_its_ledger_continues(
     victim = "shop-c"
     before = epsilons(d.ledger(victim))
     # a round waits at most 150 s for replies (Flower itself reports a silent merchant after ~3 min)
-    launch = d.coordinator.launch(run_config(tiny_bert, **{"round-timeout": 150.0}), name="crash")
+    # three local epochs: the victim's training lasts long enough to be killed in the middle of it
+    launch = d.coordinator.launch(
+        run_config(tiny_bert, **{"round-timeout": 150.0, "local-epochs": 3}), name="crash"
+    )
 
     def charged() -> bool:
         return any(h["run_id"] == "crash" for h in d.ledger(victim)["history"])
 
-    wait_for(charged, 300, f"{victim} to charge its ledger for round 1")
+    wait_for(charged, 300, f"{victim} to charge its ledger for round 1", poll=0.05)
     d.merchants[victim].supernode.kill()  # SIGKILL the SuperNode and its ClientApp mid-round
     at_crash = epsilons(d.ledger(victim))
 
