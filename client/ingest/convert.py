@@ -198,9 +198,28 @@ def as_epoch_ms(arr: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray]:
         out = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
         bad = to_numpy_bool(pc.is_null(values)) | (~np.isfinite(out) if out.dtype.kind == "f" else False)
         return epoch_to_ms(np.nan_to_num(out), unit if unit in ("s", "ms") else "auto"), bad
+    if unit in _UNIT_SCALE and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        fast = _binary_epoch_ms(arr, unit)
+        if fast is not None:
+            return fast
     text, bad_text = as_text(arr)
     ms, bad = _text_epoch_ms(text, unit)
     return ms, bad | bad_text | to_numpy_bool(pc.is_null(text))
+
+
+def _binary_epoch_ms(arr: pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A clean column of integer epochs straight from its bytes (None: some value is not an integer,
+    so the general path must say which). An integer's bytes are ASCII digits, so the UTF-8 check that
+    the general path makes first cannot fail for a column this cast accepts."""
+    as_str = pa.large_string() if pa.types.is_large_binary(arr.type) else pa.string()
+    try:
+        ints = pc.cast(arr.view(as_str), pa.int64())
+    except pa.ArrowInvalid:
+        return None
+    if ints.null_count:  # missing values: bad, as on the general path
+        bad = to_numpy_bool(pc.is_null(ints))
+        return epoch_to_ms(pc.fill_null(ints, 0).to_numpy(), unit), bad
+    return epoch_to_ms(ints.to_numpy(), unit), np.zeros(len(arr), bool)
 
 
 def as_price(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:

@@ -46,6 +46,10 @@ class FileLayout:
     constants: Mapping[str, str] = field(default_factory=dict)  # store field -> value for every row
 
 
+STORE_BEHAVIORS = pa.array([b.value for b in Behavior], pa.string())
+"""The dictionary of `BehaviorTable.encode`: every store behaviour, in a fixed order."""
+
+
 @dataclass(frozen=True)
 class BehaviorTable:
     """Source behaviour names (lower case) and the store behaviour each stands for."""
@@ -53,13 +57,21 @@ class BehaviorTable:
     keys: pa.Array
     values: pa.Array
 
-    def map(self, names: pa.Array) -> pa.Array:
-        """Store behaviours of `names` (null where unknown); exact match first, then case-insensitive."""
+    def _index(self, names: pa.Array) -> pa.Array:
         idx = pc.index_in(names, value_set=self.keys)
         if idx.null_count > names.null_count:
             folded = pc.index_in(pc.utf8_lower(pc.utf8_trim_whitespace(names)), value_set=self.keys)
             idx = pc.coalesce(idx, folded)
-        return pc.take(self.values, idx)
+        return idx
+
+    def map(self, names: pa.Array) -> pa.Array:
+        """Store behaviours of `names` (null where unknown); exact match first, then case-insensitive."""
+        return pc.take(self.values, self._index(names))
+
+    def encode(self, names: pa.Array) -> pa.DictionaryArray:
+        """`map` as a dictionary array over `STORE_BEHAVIORS` (type `BEHAVIOR_TYPE`): no strings built."""
+        codes = pc.index_in(self.values, value_set=STORE_BEHAVIORS).cast(pa.int8())
+        return pa.DictionaryArray.from_arrays(pc.take(codes, self._index(names)), STORE_BEHAVIORS)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,16 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from client.ingest.formats import FileLayout
-from client.ingest.lines import BOM, Chunk, count_lines, iter_chunks, line_spans, parse_delimited, read_header
+from client.ingest.lines import (
+    BOM,
+    Chunk,
+    count_lines,
+    iter_blocks,
+    iter_chunks,
+    line_spans,
+    parse_delimited,
+    read_header,
+)
 from client.ingest.schema import IngestError, Reason, empty_quarantine, quarantine_table
 
 T = TypeVar("T")
@@ -147,17 +156,17 @@ def _delimited_batches(layout: FileLayout, batch_rows: int) -> Iterator[RawBatch
             if handle.read(3) != BOM:
                 handle.seek(0)
         first_row = 1
-        for chunk in iter_chunks(handle, size):
+        for block in iter_blocks(handle, size):  # one reused buffer: nothing may keep a block
             parsed = parse_delimited(
-                chunk,
+                block,
                 first_row,
                 names,
                 delimiter=layout.delimiter,
                 quoted=layout.quoted,
                 source_file=layout.path.name,
             )
-            first_row += count_lines(chunk)
-            table = parsed.table.combine_chunks()  # once, here on the reader thread, not per use
+            first_row += parsed.lines
+            table = parsed.table.combine_chunks()  # a no-op unless a huge chunk parsed in pieces
             yield RawBatch(layout, table, parsed.rows, parsed.rejected, _joined(table, layout))
 
 

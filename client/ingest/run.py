@@ -3,13 +3,14 @@
 Two passes with bounded memory. Pass 1 streams the source in batches (read and parse one batch ahead
 on a worker thread), validates each batch, sends rejects to the quarantine and spills good rows to
 Arrow files partitioned by customer hash; the number of partitions is chosen from the estimated row
-count so that each holds about `2 * batch_rows` rows. Pass 2 takes one partition at a time (two in
-parallel), removes exact duplicates, computes sessions and writes one store part. The source is only
-ever opened for reading.
+count so that each holds about `2 * batch_rows` rows (rounded up to a multiple of the pass-2 workers).
+Pass 2 takes one partition at a time (two in parallel, largest first), removes exact duplicates,
+computes sessions and writes one store part. The source is only ever opened for reading.
 
 Memory: about three batches in pass 1 and two partitions in pass 2, whatever the file size (a single
 customer with more events than a partition is the exception: its events must meet in one place).
-Disk: the spill needs about 60 bytes per good row in `out_dir` until pass 2 has written its part.
+Disk: the spill needs about 45 bytes per good row of a Taobao-like file (only the columns the source
+can fill, the behaviour as a one-byte code) in `out_dir` until pass 2 has written its part.
 """
 
 from __future__ import annotations
@@ -90,9 +91,17 @@ class IngestReport:
         return data
 
 
+def _workers(parts: int) -> int:
+    """Partitions processed at once in pass 2 (each worker holds one partition in memory)."""
+    return max(1, min(2, os.cpu_count() or 1, parts))
+
+
 def _partitions(plan: Plan, batch_rows: int) -> int:
     rows = sum(estimate_rows(f) for f in plan.files)
-    return min(MAX_PARTITIONS, max(1, math.ceil(rows / (PARTITION_BATCHES * batch_rows))))
+    parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / (PARTITION_BATCHES * batch_rows))))
+    if parts > 1:  # a multiple of the workers: no partition left to finish alone at the end
+        parts = min(MAX_PARTITIONS, math.ceil(parts / _workers(parts)) * _workers(parts))
+    return parts
 
 
 _FORMAT_REASONS = {
@@ -140,7 +149,7 @@ def _pass_one(
             name = layout.path.name
             report.files[name] = 0
             for number, batch in enumerate(prefetched(iter_batches(layout, batch_rows))):
-                checked = check_batch(batch, plan, index)
+                checked = check_batch(batch, plan, index, spill.schema)
                 rows = batch.table.num_rows + batch.rejected.num_rows
                 if number == 0 and rows and not checked.good.num_rows and _looks_wrong(checked.quarantine):
                     raise _wrong_format(plan, layout, checked.quarantine)
@@ -162,27 +171,30 @@ def _pass_two(
     report: IngestReport,
     quarantine: QuarantineWriter,
     gap_s: int,
-    batch_rows: int,
 ) -> None:
     """Deduplicate, sessionise and write each partition; at most `workers` partitions in memory."""
     names = [f.path.name for f in plan.files]
-    parts = [p for p in range(spill.parts) if spill.rows[p]] or [0]
+    # largest first: the last partitions to finish are small ones, so the workers end together
+    parts = sorted((p for p in range(spill.parts) if spill.rows[p]), key=lambda p: -spill.rows[p]) or [0]
     store = tmp / STORE_DIR
     store.mkdir()
 
     def work(number: int, part: int) -> PartResult:
         result = process_partition(spill.read(part), gap_s * 1000, plan.source_sessions, names)
-        write_part(result.table, store / f"part-{number:05d}.parquet", batch_rows)
+        write_part(result.table, store / f"part-{number:05d}.parquet")
         spill.path(part).unlink(missing_ok=True)  # frees the disk as soon as a part is written
         result.table = result.table.schema.empty_table()  # written: let the rows go
         return result
 
-    workers = max(1, min(2, os.cpu_count() or 1, len(parts)))
+    workers = _workers(len(parts))
     with ThreadPoolExecutor(workers, thread_name_prefix="ingest-part") as pool:
+        # Results are collected in submission order (a deterministic quarantine), with a few more
+        # submitted than there are workers so that none waits for the oldest to finish; a queued or
+        # finished partition holds no rows (only its duplicates, until collected).
         running: deque[Future[PartResult]] = deque()
         for number, part in enumerate(parts):
             running.append(pool.submit(work, number, part))
-            if len(running) >= workers:
+            if len(running) >= 2 * workers:
                 _collect(running.popleft().result(), report, quarantine)
         while running:
             _collect(running.popleft().result(), report, quarantine)
@@ -221,13 +233,13 @@ def ingest(
     report = IngestReport(str(source), plan.fmt, str(out_dir))
     report.session_mode = "source" if plan.source_sessions else f"gap>{session_gap_s}s"
     try:
-        filled = plan.filled_fields() | {"file_index"}
+        filled = plan.filled_fields() | ({"file_index"} if len(plan.files) > 1 else set())
         spill_schema = pa.schema([f for f in SPILL_SCHEMA if f.name in filled])
         spill = Spill(tmp, _partitions(plan, batch_rows), spill_schema)
         quarantine = QuarantineWriter(tmp / QUARANTINE_FILE)
         try:
             _pass_one(plan, spill, quarantine, report, batch_rows)
-            _pass_two(plan, spill, tmp, report, quarantine, session_gap_s, batch_rows)
+            _pass_two(plan, spill, tmp, report, quarantine, session_gap_s)
         finally:
             spill.close()
             quarantine.close()

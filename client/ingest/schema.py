@@ -23,9 +23,15 @@ STORE_SCHEMA = pa.schema(
 )
 """The normalised store. customer_id, session_id, timestamp, behavior and source_row are never null."""
 
+BEHAVIOR_TYPE = pa.dictionary(pa.int8(), pa.string())
+"""How validation hands on the behaviour: indices into the store behaviours (a byte per row to spill,
+and written to Parquet as a dictionary as it is; the store reads it back as plain strings)."""
+
 # The spill files of the first pass also remember which source file a row came from (YooChoose has
 # two), so that a duplicate found in the second pass is quarantined under the right file name.
-SPILL_SCHEMA = STORE_SCHEMA.append(pa.field("file_index", pa.int16()))
+SPILL_SCHEMA = pa.schema(
+    [pa.field(f.name, BEHAVIOR_TYPE) if f.name == "behavior" else f for f in STORE_SCHEMA]
+).append(pa.field("file_index", pa.int16()))
 
 QUARANTINE_SCHEMA = pa.schema(
     [

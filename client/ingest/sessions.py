@@ -41,17 +41,27 @@ class PartResult:
         self.rows = self.rows or self.table.num_rows
 
 
-def customer_keys(customers: pa.Array) -> np.ndarray:
+def customer_keys(customers: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """int64 keys equal exactly when the ids are: the number itself when every id is a canonical
     decimal (as in the public datasets; cheap), else a dictionary index."""
-    lengths = pc.binary_length(customers)
-    canonical = pc.and_(
-        pc.and_(pc.ascii_is_decimal(customers), pc.less_equal(lengths, 18)),
-        pc.or_(pc.equal(lengths, 1), pc.invert(pc.starts_with(customers, "0"))),
-    )
-    if len(customers) and to_numpy_bool(canonical).all():
+    if len(customers) and customers.null_count == 0 and _canonical_decimals(customers):
         return np.asarray(pc.cast(customers, pa.int64()).to_numpy())
-    return np.asarray(pc.dictionary_encode(customers).indices.to_numpy(), dtype=np.int64)
+    encoded = pc.dictionary_encode(customers)
+    if isinstance(encoded, pa.ChunkedArray):  # one dictionary for all chunks
+        encoded = encoded.combine_chunks()
+    return np.asarray(encoded.indices.to_numpy(), dtype=np.int64)
+
+
+def _canonical_decimals(customers: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether every id is a decimal of at most 18 digits without a leading zero (aggregates only: no
+    row-sized masks leave pyarrow)."""
+    if not pc.all(pc.ascii_is_decimal(customers)).as_py():
+        return False
+    lengths = pc.binary_length(customers)
+    if pc.max(lengths).as_py() > 18:
+        return False
+    padded = pc.and_(pc.starts_with(customers, "0"), pc.greater(lengths, 1))
+    return not pc.any(padded).as_py()
 
 
 @dataclass
@@ -90,24 +100,33 @@ def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
     return equal | (to_numpy_bool(pc.is_null(a)) & to_numpy_bool(pc.is_null(b)))
 
 
+def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
+
+
 def find_duplicates(table: pa.Table, rows: Sorted) -> tuple[np.ndarray, np.ndarray]:
     """Positions of rows that repeat an earlier row exactly, and the source row each one repeats.
 
     Only rows sharing (customer, timestamp) with a neighbour in sorted order can be duplicates; those
     few are compared on every other column."""
     ks, ts = rows.keys, rows.times
-    tie = (ks[1:] == ks[:-1]) & (ts[1:] == ts[:-1])
+    tie = ks[1:] == ks[:-1]
+    tie &= ts[1:] == ts[:-1]
     if not tie.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    in_tie = np.zeros(len(ks), bool)
-    in_tie[1:] |= tie
+    after = np.zeros(len(ks), bool)  # ties with the row before it
+    after[1:] = tie
+    in_tie = after.copy()
     in_tie[:-1] |= tie
-    group = np.cumsum(np.concatenate(([True], ~tie)))
     cand = np.flatnonzero(in_tie)
+    group = np.cumsum(~after[cand])  # tie groups numbered over the candidates only
     positions = rows.order[cand]
     compared = [c for c in _COMPARED if c in table.column_names]
     sub = table.select([*compared, "source_row"]).take(pa.array(positions))
-    sub = sub.append_column("_group", pa.array(group[cand])).append_column("_pos", pa.array(positions))
+    sub = pa.table([_decoded(c) for c in sub.columns], names=sub.column_names)  # dictionaries do not sort
+    sub = sub.append_column("_group", pa.array(group)).append_column("_pos", pa.array(positions))
     keys_ = [("_group", "ascending"), *((c, "ascending") for c in compared), ("source_row", "ascending")]
     sub = sub.sort_by(keys_).combine_chunks()
     m = sub.num_rows
@@ -120,19 +139,27 @@ def find_duplicates(table: pa.Table, rows: Sorted) -> tuple[np.ndarray, np.ndarr
     return sub["_pos"].to_numpy()[dup], sub["source_row"].to_numpy()[first][dup]
 
 
-def _gap_session_ids(customers: pa.Array, rows: Sorted, gap_ms: int, n: int) -> tuple[np.ndarray, pa.Array]:
+def _gap_session_ids(
+    customers: pa.Array | pa.ChunkedArray, rows: Sorted, gap_ms: int, n: int
+) -> tuple[np.ndarray, pa.Array]:
     """Session number of every row (by position; 0 for rows not in `rows`) and the id of every session."""
     ks, ts = rows.keys, rows.times
     new = np.empty(len(ks), bool)
     new[:1] = True
     np.not_equal(ks[1:], ks[:-1], out=new[1:])
-    new[1:] |= np.diff(ts) > gap_ms
+    gap = ts[1:] - ts[:-1]
+    new[1:] |= gap > gap_ms
+    del gap
     starts = np.flatnonzero(new)
-    names = pc.binary_join_element_wise(
-        pc.take(customers, pa.array(rows.order[starts])), pc.cast(pa.array(ts[starts]), pa.string()), ":"
-    )
-    by_position = np.zeros(n, np.int64)
-    by_position[rows.order] = np.cumsum(new) - 1
+    first = pc.take(customers, pa.array(rows.order[starts]))
+    if isinstance(first, pa.ChunkedArray):
+        first = first.combine_chunks()
+    names = pc.binary_join_element_wise(first, pc.cast(pa.array(ts[starts]), pa.string()), ":")
+    number = np.cumsum(new, dtype=np.int32)
+    number -= 1
+    # rows left out of `rows` (duplicates) keep session 0: they are dropped before the write
+    by_position = np.zeros(n, np.int32) if len(rows.order) < n else np.empty(n, np.int32)
+    by_position[rows.order] = number
     return by_position, names
 
 
@@ -147,7 +174,7 @@ def process_partition(
     n = table.num_rows
     if not n:
         return PartResult(STORE_SCHEMA.empty_table(), empty_quarantine(), 0, 0)
-    customers = table["customer_id"].combine_chunks()
+    customers = table["customer_id"]  # pyarrow works on the spill's chunks as they are: no copy
     keys = customer_keys(customers)
     rows = sort_order(keys, pc.cast(table["timestamp"], pa.int64()).to_numpy())
     dup_pos, dup_of = find_duplicates(table, rows)
@@ -159,18 +186,28 @@ def process_partition(
         sessions = int(pc.count_distinct(pc.take(session_ids, pa.array(np.sort(rows.order)))).as_py())
     else:
         by_position, names = _gap_session_ids(customers, rows, gap_ms, n)
-        session_ids = pc.take(names, pa.array(by_position))
+        # a dictionary, not `names` taken row by row: the Parquet writer stores it as it is
+        session_ids = pa.DictionaryArray.from_arrays(pa.array(by_position), names)
         sessions = len(names)
     out = {name: table[name] for name in table.column_names}
     out["session_id"] = session_ids
     store = pa.table(
-        {f.name: out.get(f.name, pa.nulls(n, f.type)) for f in STORE_SCHEMA}, schema=STORE_SCHEMA
+        [out[f.name] if f.name in out else pa.nulls(n, f.type) for f in STORE_SCHEMA],
+        schema=pa.schema([_store_field(f, out.get(f.name)) for f in STORE_SCHEMA]),
     )
     if len(dup_pos):
         keep = np.ones(n, bool)
         keep[dup_pos] = False
         store = store.filter(pa.array(keep))
     return PartResult(store, duplicates, sessions, _count_customers(rows))
+
+
+def _store_field(f: pa.Field, column: pa.Array | pa.ChunkedArray | None) -> pa.Field:
+    """The store field, or its dictionary-encoded form where the column comes as a dictionary of the
+    same values (`write_part` writes such a column as a Parquet dictionary; it reads back as `f`)."""
+    if column is not None and pa.types.is_dictionary(column.type) and column.type.value_type == f.type:
+        return f.with_type(column.type)
+    return f
 
 
 def _duplicates_table(
@@ -185,7 +222,7 @@ def _duplicates_table(
         if c in rows.column_names
     ]
     raw = pc.binary_join_element_wise(*shown, ",", null_handling="replace")
-    files = rows["file_index"].to_numpy()
+    files = rows["file_index"].to_numpy() if "file_index" in rows.column_names else np.zeros(len(rows), int)
     parts = []
     for index in np.unique(files):
         at = np.flatnonzero(files == index)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from client.ingest.convert import MS_TYPE, as_epoch_ms, as_price, as_text, to_numpy_bool
-from client.ingest.formats import FileLayout, Plan
+from client.ingest.formats import STORE_BEHAVIORS, FileLayout, Plan
 from client.ingest.readers import RawBatch
 from client.ingest.schema import (
     MAX_TIMESTAMP,
@@ -58,7 +58,9 @@ def _raw(batch: RawBatch, field: str) -> pa.Array:
     if field in layout.constants:
         return pa.repeat(pa.scalar(layout.constants[field], pa.string()), batch.table.num_rows)
     column = batch.table[layout.fields[field]]
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):  # combine_chunks would copy even a single chunk
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def _texts(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> dict[str, pa.Array]:
@@ -99,10 +101,9 @@ def _time_flags(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> np.ndarray:
     return ms
 
 
-def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array:
-    n = batch.table.num_rows
+def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array | None:
     if "price" not in batch.layout.fields:
-        return pa.nulls(n, pa.float64())
+        return None
     raw = _raw(batch, "price")
     tokens = plan.null_tokens.get("price")
     if tokens and not pa.types.is_integer(raw.type) and not pa.types.is_floating(raw.type):
@@ -115,21 +116,25 @@ def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array:
     return price
 
 
-def _behavior_flags(texts: dict[str, pa.Array], behavior: pa.Array, flags: list[_Flag], n: int) -> None:
+_SEARCH = STORE_BEHAVIORS.to_pylist().index("search")
+
+
+def _behavior_flags(
+    texts: dict[str, pa.Array], behavior: pa.DictionaryArray, flags: list[_Flag], n: int
+) -> None:
     flags.append(
         _Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", _is_null(behavior), "is not in the behaviour map")
     )
-    search = to_numpy_bool(pc.equal(behavior, "search"))
-    item = texts.get("item_id", pa.nulls(n, pa.string()))
-    query = texts.get("query", pa.nulls(n, pa.string()))
-    flags.append(_Flag(Reason.MISSING_ITEM_ID, "item_id", _is_null(item) & ~search, "is empty", False))
-    flags.append(
-        _Flag(Reason.MISSING_QUERY, "query", _is_null(query) & search, "is empty for a search", False)
-    )
+    search = to_numpy_bool(pc.equal(behavior.indices, pa.scalar(_SEARCH, pa.int8())))
+    no_item = _is_null(texts["item_id"]) if "item_id" in texts else np.ones(n, bool)
+    no_query = _is_null(texts["query"]) if "query" in texts else np.ones(n, bool)
+    flags.append(_Flag(Reason.MISSING_ITEM_ID, "item_id", no_item & ~search, "is empty", False))
+    flags.append(_Flag(Reason.MISSING_QUERY, "query", no_query & search, "is empty for a search", False))
 
 
-def check_batch(batch: RawBatch, plan: Plan, file_index: int) -> Checked:
-    """Validate and normalise one batch."""
+def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema = SPILL_SCHEMA) -> Checked:
+    """Validate and normalise one batch; the good rows come in `schema` (a subset of SPILL_SCHEMA:
+    fields no row of the source can fill are left out rather than built as nulls)."""
     n = batch.table.num_rows
     flags: list[_Flag] = []
     texts = _texts(batch, plan, flags)
@@ -142,22 +147,23 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int) -> Checked:
             _Flag(Reason.MISSING_SESSION_ID, "session_id", _is_null(texts["session_id"]), "is empty", False)
         )
     ms = _time_flags(batch, plan, flags)
-    behavior = plan.behaviors.map(texts["behavior"])
+    behavior = plan.behaviors.encode(texts["behavior"])
     _behavior_flags(texts, behavior, flags, n)
     price = _price(batch, plan, flags)
     code, which = _assign(flags, n)
-    columns = {
-        "customer_id": texts["customer_id"],
-        "session_id": texts.get("session_id", pa.nulls(n, pa.string())),
+    columns: dict[str, pa.Array] = {
+        **texts,
         "timestamp": pa.Array.from_buffers(MS_TYPE, n, [None, pa.py_buffer(np.ascontiguousarray(ms))]),
         "behavior": behavior,
-        **{f: texts.get(f, pa.nulls(n, pa.string())) for f in ("item_id", "category")},
-        "price": price,
-        **{f: texts.get(f, pa.nulls(n, pa.string())) for f in ("query", "title")},
         "source_row": pa.array(batch.rows, pa.int64()),
-        "file_index": pa.array(np.full(n, file_index, np.int16)),
     }
-    good = pa.table(columns, schema=SPILL_SCHEMA)
+    if price is not None:
+        columns["price"] = price
+    if "file_index" in schema.names:
+        columns["file_index"] = pa.array(np.full(n, file_index, np.int16))
+    good = pa.table(
+        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema], schema=schema
+    )
     if code.any():
         good = good.filter(pa.array(code == 0))
     return Checked(good, _quarantine(batch, flags, code, which))
@@ -196,4 +202,5 @@ def _quarantine(batch: RawBatch, flags: list[_Flag], code: np.ndarray, which: np
         table = quarantine_table(layout.path.name, batch.rows[idx], flag.reason.value, detail, batch.raw(idx))
         parts.append(table)
     out = pa.concat_tables(parts)
-    return out.sort_by("source_row") if len(parts) > 2 else out
+    # each part is in row order; the reader's rejects and one flag's rows may interleave too
+    return out.sort_by("source_row") if sum(1 for t in parts if t.num_rows) > 1 else out
