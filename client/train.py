@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 
+# transformers 5 deprecates a property that PEFT still reads when wrapping a model; nothing to act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 log = logging.getLogger(__name__)
 
 

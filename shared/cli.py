@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        for noisy in ("flwr", "ray", "opacus", "transformers", "peft"):
+        for noisy in ("flwr", "ray", "opacus", "transformers", "peft", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
