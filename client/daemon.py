@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.settings import TOML_FILE, MerchantSettings
-from shared.daemon import Daemon, bin_path_env, flower_executable
+from shared.daemon import Daemon, flower_env, flower_executable
 from shared.pki import check_secret_permissions, make_merchant_keys
 
 INSECURE_WARNING = """
@@ -159,13 +159,7 @@ class Merchant:
         return self.supernode.start(self.supernode_command(), env=self.env())
 
     def env(self) -> dict[str, str]:
-        return {
-            **bin_path_env(),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "FLWR_HOME": str(self.settings.state_dir / "flwr"),
-        }
+        return flower_env(self.settings.state_dir / "flwr")
 
     def stop(self) -> bool:
         return self.supernode.stop()

@@ -31,19 +31,12 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.config import RunConfig
-from shared.daemon import Daemon, bin_path_env, flower_executable, wait_for_port
+from shared.daemon import Daemon, flower_env, flower_executable, wait_for_port
 from shared.fileio import atomic_write_json
 from shared.settings import FileSettings, read_toml
 
 CONNECTION = "fedbehavior"
 SETTINGS_FILE = "coordinator.toml"
-FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 INSECURE_WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 !! INSECURE MODE: no TLS and no merchant authentication. Adapter updates and metrics travel in    !!
@@ -112,12 +105,7 @@ class CoordinatorHome:
         return self.settings.runs_dir
 
     def env(self) -> dict[str, str]:
-        return {
-            **FLWR_ENV,
-            **bin_path_env(),
-            "FLWR_HOME": str(self.flwr_home),
-            "FEDBEHAVIOR_HOME": str(self.folder),
-        }
+        return {**flower_env(self.flwr_home), "FEDBEHAVIOR_HOME": str(self.folder)}
 
     # ---------------------------------------------------------------- SuperLink daemon
 
@@ -273,9 +261,13 @@ class CoordinatorHome:
 
     def stop_run(self, name: str) -> list[int]:
         """Ask the SuperLink to stop every unfinished Flower run of `name`."""
+        ids = self.run_ids(name)
+        if not ids:
+            return []
+        status = {int(r.get("run-id", -1)): str(r.get("status", "")) for r in self.flower_runs()}
         stopped = []
-        for run_id in self.run_ids(name):
-            if not self.flower_status(run_id).startswith("finished"):
+        for run_id in ids:
+            if not status.get(run_id, "").startswith("finished"):
                 self.flwr("stop", str(run_id))
                 stopped.append(run_id)
         return stopped

@@ -142,9 +142,18 @@ def flower_executable(name: str) -> str:
     )
 
 
-def bin_path_env() -> dict[str, str]:
-    """PATH with this Python's bin folder first: Flower starts its helpers by bare name."""
-    return {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for a Flower process: its own FLWR_HOME, no telemetry or runtime installs, no hub,
+    and PATH with this Python's bin folder first (Flower starts its helpers by bare name)."""
+    return {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "FLWR_HOME": str(flwr_home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
