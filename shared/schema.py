@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Behavior(str, enum.Enum):
-    """What a customer did. `view` is a page view (Taobao calls it `pv`)."""
+    """The funnel role of an event. `view` is a page view (Taobao calls it `pv`); `other` is any event
+    the shop logs that has no funnel role (a promo page, a filter, a shipping form not mapped to cart):
+    it is kept, and its own name (`Event.event_name`) goes into the text."""
 
     VIEW = "view"
     FAV = "fav"
@@ -17,6 +19,7 @@ class Behavior(str, enum.Enum):
     BUY = "buy"
     SEARCH = "search"
     REVIEW = "review"
+    OTHER = "other"
 
     @classmethod
     def parse(cls, value: str) -> Behavior:
@@ -44,7 +47,8 @@ _ALIASES = {
 }
 
 FUNNEL_BEHAVIORS = (Behavior.CART, Behavior.BUY)
-"""Behaviours that reveal purchase intent directly; a purchase-intent prefix must contain none."""
+"""Default roles that reveal purchase intent directly; a purchase-intent prefix must contain none
+(the run config's `leak-roles` can name more, e.g. `fav`)."""
 
 
 class Event(BaseModel):
@@ -56,6 +60,8 @@ class Event(BaseModel):
     session_id: str = Field(min_length=1)
     timestamp: datetime
     behavior: Behavior
+    # the shop's own name of the event ("promo_page", "shipping_details"); None: the role's name
+    event_name: str | None = None
     item_id: str | None = None
     title: str | None = None
     category: str | None = None
@@ -67,9 +73,12 @@ class Event(BaseModel):
     customer_segment: str | None = None
     customer_region: str | None = None
     customer_age_band: str | None = None
+    # attribute columns kept at ingest (`--attribute platform,user_lifecycle`), their values joined by " "
+    attributes: str | None = None
 
     def customer_attributes(self) -> tuple[str, ...]:
-        return tuple(a for a in (self.customer_segment, self.customer_region, self.customer_age_band) if a)
+        known = (self.customer_segment, self.customer_region, self.customer_age_band, self.attributes)
+        return tuple(a for a in known if a)
 
     @field_validator("behavior", mode="before")
     @classmethod
@@ -84,13 +93,19 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _fields_for_behavior(self) -> Event:
-        if self.behavior is Behavior.SEARCH and not self.query:
-            raise ValueError("a search event needs a non-empty `query`")
-        if self.behavior is not Behavior.SEARCH and not self.item_id:
-            raise ValueError(f"a {self.behavior.value} event needs an `item_id`")
+        # item_id and query are optional: many shops log page types without items, and a search
+        # without its query text is still an event (its name goes into the text). Only a review
+        # that says nothing is not an event.
         if self.behavior is Behavior.REVIEW and self.rating is None and not self.review_text:
             raise ValueError("a review event needs `rating` or `review_text`")
         return self
+
+    @property
+    def name(self) -> str:
+        """How the event reads in text: the shop's own name, made readable, else the role's name."""
+        if not self.event_name:
+            return self.behavior.value
+        return " ".join(self.event_name.replace("_", " ").replace("-", " ").split())
 
 
 class Example(BaseModel):

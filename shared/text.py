@@ -1,8 +1,9 @@
 """Behaviour events → text in the backbone's vocabulary.
 
-One event becomes a short phrase ("view iPhone 12 手机 phones 5999"); a sequence becomes the phrases of
-its most recent events, oldest first, joined by " ; ", keeping as many recent events as fit in the
-token budget, preceded by the customer's attributes (segment, region, age band) when known and when
+One event becomes a short phrase ("view iPhone 12 手机 phones 5999"; with the shop's own event name,
+"promo page" or "shipping details"); a sequence becomes the phrases of its most recent events, oldest
+first, joined by " ; ", keeping as many recent events as fit in the token budget, preceded by the
+customer's attributes (segment, region, age band, ingested attribute columns) when known and when
 they fit. The output depends only on the events, never on their input order.
 """
 
@@ -30,8 +31,8 @@ def format_price(price: float) -> str:
 def event_phrase(event: Event) -> str:
     """The phrase for one event; empty fields are left out, never rendered as 'None'."""
     if event.behavior is Behavior.SEARCH:
-        return f"search {event.query}".strip()
-    parts: list[str] = [event.behavior.value]
+        return f"{event.name} {event.query or ''}".strip()
+    parts: list[str] = [event.name]
     if event.behavior is Behavior.REVIEW and event.rating is not None:
         parts.append(f"{event.rating} stars")
     for field in (event.title, event.category):

@@ -70,4 +70,4 @@ def check_accounting(
         assert row["reason"] in REASONS and row["detail"], row
     for row in good:
         assert row["customer_id"] and row["session_id"] and row["timestamp"] is not None
-        assert row["behavior"] in {"view", "fav", "cart", "buy", "search", "review"}
+        assert row["behavior"] in {"view", "fav", "cart", "buy", "search", "review", "other"}

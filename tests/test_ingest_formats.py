@@ -154,21 +154,31 @@ def test_generic_csv(tmp_path: Path) -> None:
     report = ingest(src, "generic", tmp_path / "out", mapping=SHOP_MAP, behavior_map=SHOP_BEHAVIORS)
     check_accounting(report, tmp_path / "out", {"shop.csv": 8})
     rows = store(tmp_path / "out")
-    assert [(r["behavior"], r["title"], r["query"]) for r in rows] == [
-        ("view", "Phone; black", None),
-        ("cart", "Phone; black", None),
-        ("search", None, "red phone"),
+    # open vocabulary: the shop's names are kept; an unmapped one has role `other`; item ids and
+    # query texts are optional
+    assert [(r["behavior"], r["event_name"], r["title"], r["query"]) for r in rows] == [
+        ("view", "Product_View", "Phone; black", None),
+        ("cart", "add_to_cart", "Phone; black", None),
+        ("search", "search", None, "red phone"),
+        ("other", "teleport", "y", None),
+        ("buy", "purchase", "y", None),
+        ("search", "search", None, None),
     ]
     assert rows[0]["timestamp"] == rows[1]["timestamp"].replace(minute=0)  # +02:00 and naive UTC agree
     assert rows[2]["timestamp"] == utc(1717236000) and rows[0]["price"] == 9.5
     reasons = {r["source_row"]: r["reason"] for r in quarantine(tmp_path / "out")}
-    assert reasons == {
-        4: "negative_price",
-        5: "unknown_behavior",
-        6: "missing_item_id",
-        7: "missing_query",
-        8: "bad_price",
-    }
+    assert reasons == {4: "negative_price", 8: "bad_price"}
+    assert report.unmapped_events == {"teleport": 1}
+    assert report.roles == {"view": 1, "cart": 1, "search": 2, "other": 1, "buy": 1}
+
+
+def test_generic_csv_strict_quarantines_unmapped_names(tmp_path: Path) -> None:
+    src = write(tmp_path / "shop.csv", SHOP_CSV)
+    report = ingest(src, "csv", tmp_path / "out", mapping=SHOP_MAP, behavior_map=SHOP_BEHAVIORS, strict=True)
+    check_accounting(report, tmp_path / "out", {"shop.csv": 8})
+    reasons = {r["source_row"]: r["reason"] for r in quarantine(tmp_path / "out")}
+    assert reasons == {4: "negative_price", 5: "unknown_behavior", 8: "bad_price"}
+    assert report.unmapped_events == {}
 
 
 def test_generic_parquet_and_jsonl(tmp_path: Path) -> None:
@@ -251,7 +261,7 @@ def test_wrong_mapping_names_the_column(tmp_path: Path) -> None:
         ingest(src, "csv", tmp_path / "out", mapping={"customer": "user"})
     with pytest.raises(IngestError, match="no column for customer_id"):
         ingest(src, "csv", tmp_path / "out")
-    with pytest.raises(IngestError, match="'teleport' is not a store behaviour"):
+    with pytest.raises(IngestError, match="'teleport' is not a funnel role"):
         ingest(src, "csv", tmp_path / "out", mapping=SHOP_MAP, behavior_map={"x": "teleport"})
     assert not (tmp_path / "out" / "store").exists()
 
@@ -311,7 +321,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "8 rows: 3 good, 5 quarantined" in printed and "negative_price" in printed
+    assert "8 rows: 6 good, 2 quarantined" in printed and "negative_price" in printed
     assert parse_pairs(["a = b, c->d", "e:f"], "x") == {"a": "b", "c": "d", "e": "f"}
     with pytest.raises(IngestError, match="'oops' is not NAME=VALUE"):
         parse_pairs("a=b,oops", "--behavior-map")

@@ -19,6 +19,14 @@ EPILOG = """examples:
   fedbehavior merchant ingest export.csv --format csv --out m4 \\
       --map customer_id=user,timestamp=event_time,behavior=event,item_id=sku \\
       --behavior-map product_view=view,add_to_cart=cart,purchase=buy
+  fedbehavior merchant ingest export.csv.gz --format csv --out m5 \\
+      --map customer_id=user_id,session_id=session_id,timestamp=timestamp,behavior=event \\
+      --behavior-map product_view=view,add_to_cart=cart,shipping_details=cart,purchase=buy \\
+      --attribute platform,user_lifecycle
+
+Event names that --behavior-map does not map are kept with role `other` (their own name goes into the
+text) and counted in the report; --strict quarantines them instead. CSV and JSON Lines may be .gz,
+.bz2 or .zst.
 """
 
 
@@ -67,6 +75,20 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME=BEHAVIOR",
         help="the shop's behaviour names, e.g. product_view=view,add_to_cart=cart,purchase=buy",
     )
+    parser.add_argument(
+        "--attribute",
+        action="append",
+        default=[],
+        metavar="COLUMN[,COLUMN]",
+        help="csv/parquet/jsonl: customer or session attribute columns kept for the text (platform, ...)",
+    )
+    parser.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quarantine event names --behavior-map does not map (default: on for taobao, retailrocket, "
+        "yoochoose; off for csv/parquet/jsonl, where they get role `other`)",
+    )
     parser.add_argument("--categories", help="retailrocket: itemid,categoryid CSV or item_properties files")
     parser.add_argument("--session-gap", type=int, default=1800, metavar="SECONDS", help="inactivity gap")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per batch (memory bound)")
@@ -89,11 +111,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         behavior_map=parse_pairs(args.behavior_map, "--behavior-map") or None,
         session_gap_s=args.session_gap,
         batch_rows=args.batch_rows,
+        attributes=tuple(c.strip() for text in args.attribute for c in text.split(",") if c.strip()),
+        strict=args.strict,
     )
     print(f"{report.total} rows: {report.good} good, {report.quarantined} quarantined")
     for reason, count in report.reasons.items():
         example = report.examples[reason][0]
         print(f"  {count:>9}  {reason:<24} e.g. row {example['source_row']}: {example['detail']}")
+    if report.unmapped_events:
+        shown = ", ".join(f"{name} ({count})" for name, count in list(report.unmapped_events.items())[:12])
+        more = len(report.unmapped_events) - 12
+        print(
+            f"  event names with role `other` (map them with --behavior-map): {shown}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+    print("  roles: " + ", ".join(f"{role} {count}" for role, count in sorted(report.roles.items())))
     sessions = f"{report.sessions} sessions ({report.session_mode})"
     print(f"{report.customers} customers, {sessions}, {report.seconds:.1f} s")
     print(f"store: {report.store_dir}  quarantine: {report.quarantine_path}")

@@ -10,7 +10,13 @@
   yoochoose-buys.dat (session_id,timestamp,item_id,price,quantity); ISO timestamps, no header. Pass the
   clicks file or their folder. A session is the only identity there, so it is also the customer.
 - `csv`, `parquet`, `jsonl` (or `generic`: by file extension): any export, with `mapping` from store
-  field to source column and `behavior_map` from the shop's behaviour names to store behaviours.
+  field to source column and `behavior_map` from the shop's event names to funnel roles. The vocabulary
+  is open: the shop's own event name is kept (`event_name`) and an unmapped name gets role `other`
+  (counted in the report); `strict=True` quarantines unmapped names instead, which is the rule for the
+  fixed public formats, whose vocabularies are closed. `attributes` names extra columns (platform,
+  lifecycle, ...) whose values go into the text.
+
+CSV and JSON Lines may be compressed (`.gz`, `.bz2`, `.zst`): they are decompressed as a stream.
 """
 
 from __future__ import annotations
@@ -30,6 +36,18 @@ FORMATS = ("taobao", "retailrocket", "yoochoose", "generic", "csv", "parquet", "
 _ALIASES = ("pv", "click", "addtocart", "add_to_cart", "transaction", "purchase", "favorite", "favourite")
 _EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _EXTENSIONS.update({".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"})
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def compression_of(path: Path) -> str | None:
+    """The stream compression of a text source, from its extension (None: plain)."""
+    return COMPRESSIONS.get(path.suffix.lower())
+
+
+def kind_of(path: Path) -> str | None:
+    """csv, jsonl or parquet from the extension, looking through a compression suffix."""
+    name = Path(path.stem) if compression_of(path) else path
+    return _EXTENSIONS.get(name.suffix.lower())
 
 
 @dataclass(frozen=True)
@@ -44,10 +62,17 @@ class FileLayout:
     delimiter: str = ","
     quoted: bool = False
     constants: Mapping[str, str] = field(default_factory=dict)  # store field -> value for every row
+    attributes: tuple[str, ...] = ()  # source columns whose values go into the text
+
+    @property
+    def read_columns(self) -> list[str]:
+        """The source columns a reader must deliver (mapped fields, then attributes), each once."""
+        return list(dict.fromkeys([*self.fields.values(), *self.attributes]))
 
 
 STORE_BEHAVIORS = pa.array([b.value for b in Behavior], pa.string())
 """The dictionary of `BehaviorTable.encode`: every store behaviour, in a fixed order."""
+_OTHER_CODE = [b.value for b in Behavior].index(Behavior.OTHER.value)
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,7 @@ class BehaviorTable:
 
     keys: pa.Array
     values: pa.Array
+    strict: bool = False  # unmapped names: quarantined (True) or role `other` (False)
 
     def _index(self, names: pa.Array) -> pa.Array:
         idx = pc.index_in(names, value_set=self.keys)
@@ -68,10 +94,20 @@ class BehaviorTable:
         """Store behaviours of `names` (null where unknown); exact match first, then case-insensitive."""
         return pc.take(self.values, self._index(names))
 
-    def encode(self, names: pa.Array) -> pa.DictionaryArray:
-        """`map` as a dictionary array over `STORE_BEHAVIORS` (type `BEHAVIOR_TYPE`): no strings built."""
+    def encode(self, names: pa.Array) -> tuple[pa.DictionaryArray, pa.Array | None]:
+        """Roles of `names` as a dictionary array over `STORE_BEHAVIORS` (type `BEHAVIOR_TYPE`: no
+        strings built), and the names that no rule maps (None when every name is mapped). Unless strict,
+        those get role `other`; an empty name stays null (quarantined) either way."""
         codes = pc.index_in(self.values, value_set=STORE_BEHAVIORS).cast(pa.int8())
-        return pa.DictionaryArray.from_arrays(pc.take(codes, self._index(names)), STORE_BEHAVIORS)
+        index = self._index(names)
+        unmapped = None
+        if index.null_count > names.null_count:
+            missing = pc.and_(pc.is_null(index), pc.is_valid(names))
+            unmapped = pc.filter(names, missing)
+            if not self.strict:
+                index = pc.if_else(missing, pa.scalar(len(self.keys), index.type), index)
+                codes = pa.concat_arrays([codes, pa.array([_OTHER_CODE], pa.int8())])
+        return pa.DictionaryArray.from_arrays(pc.take(codes, index), STORE_BEHAVIORS), unmapped
 
 
 @dataclass(frozen=True)
@@ -96,12 +132,14 @@ class Plan:
         filled |= {f for layout in self.files for f in layout.fields}
         if self.categories is not None:
             filled.add("category")
+        if any(layout.attributes for layout in self.files):
+            filled.add("attributes")
         if not self.source_sessions:
             filled.discard("session_id")
         return filled
 
 
-def behavior_table(extra: Mapping[str, str] | None) -> BehaviorTable:
+def behavior_table(extra: Mapping[str, str] | None, *, strict: bool = False) -> BehaviorTable:
     """The standard names and aliases, plus (overriding them) the shop's own `behavior_map`."""
     table = {b.value: b.value for b in Behavior}
     table.update({alias: Behavior.parse(alias).value for alias in _ALIASES})
@@ -111,21 +149,33 @@ def behavior_table(extra: Mapping[str, str] | None) -> BehaviorTable:
         except ValueError:
             known = ", ".join(b.value for b in Behavior)
             raise IngestError(
-                f"behaviour map: {name!r} -> {target!r}: {target!r} is not a store behaviour ({known})"
+                f"behaviour map: {name!r} -> {target!r}: {target!r} is not a funnel role ({known})"
             ) from None
-    return BehaviorTable(pa.array(list(table), pa.string()), pa.array(list(table.values()), pa.string()))
+    keys, values = pa.array(list(table), pa.string()), pa.array(list(table.values()), pa.string())
+    return BehaviorTable(keys, values, strict)
 
 
 def make_plan(
-    source: Path, fmt: str, mapping: Mapping[str, str] | None, behavior_map: Mapping[str, str] | None
+    source: Path,
+    fmt: str,
+    mapping: Mapping[str, str] | None,
+    behavior_map: Mapping[str, str] | None,
+    *,
+    attributes: tuple[str, ...] = (),
+    strict: bool | None = None,
 ) -> Plan:
-    """Check `source` against format `fmt` and build the plan; raises IngestError saying what is wrong."""
+    """Check `source` against format `fmt` and build the plan; raises IngestError saying what is wrong.
+
+    `strict=None`: strict for the fixed public formats (closed vocabularies), open for the others."""
     source = Path(source)
     if fmt not in FORMATS:
         raise IngestError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt != "yoochoose" and not source.is_file():
         raise FileNotFoundError(f"no source file at {source}")
-    behaviors = behavior_table(behavior_map)
+    fixed = fmt in ("taobao", "retailrocket", "yoochoose")
+    if fixed and attributes:
+        raise IngestError(f"format {fmt} has fixed columns; --attribute is only for csv, parquet, jsonl")
+    behaviors = behavior_table(behavior_map, strict=fixed if strict is None else strict)
     if fmt == "taobao":
         _no_mapping(fmt, mapping)
         return Plan(fmt, (_taobao(source),), "s", behaviors)
@@ -134,12 +184,14 @@ def make_plan(
     if fmt == "yoochoose":
         _no_mapping(fmt, mapping)
         return _yoochoose(source, behaviors)
-    kind = _EXTENSIONS.get(source.suffix.lower()) if fmt == "generic" else fmt
+    kind = kind_of(source) if fmt == "generic" else fmt
     if kind is None:
         raise IngestError(
             f"cannot tell the kind of {source.name} from its extension; use --format csv|parquet|jsonl"
         )
-    return Plan(kind, (generic_layout(source, kind, mapping),), "auto", behaviors)
+    if kind == "parquet" and compression_of(source):
+        raise IngestError(f"{source.name}: Parquet compresses internally; decompress the file first")
+    return Plan(kind, (generic_layout(source, kind, mapping, attributes),), "auto", behaviors)
 
 
 def _no_mapping(fmt: str, mapping: Mapping[str, str] | None) -> None:
@@ -203,8 +255,11 @@ def _yoochoose(source: Path, behaviors: BehaviorTable) -> Plan:
     )
 
 
-def generic_layout(source: Path, kind: str, mapping: Mapping[str, str] | None) -> FileLayout:
-    """Layout of a shop's own export: its columns, checked against the mapping (identity by default)."""
+def generic_layout(
+    source: Path, kind: str, mapping: Mapping[str, str] | None, attributes: tuple[str, ...] = ()
+) -> FileLayout:
+    """Layout of a shop's own export: its columns, checked against the mapping (identity by default).
+    The event name is the behaviour column unless `event_name` is mapped to a column of its own."""
     from client.ingest.readers import peek_columns
 
     columns, first_row, delimiter = peek_columns(source, kind)
@@ -227,9 +282,16 @@ def generic_layout(source: Path, kind: str, mapping: Mapping[str, str] | None) -
             raise IngestError(
                 f"no column for {required}: add it to the mapping ({required}=<column>); {where}"
             )
+    fields.setdefault("event_name", fields["behavior"])
+    for column in attributes:
+        if column not in columns and kind != "jsonl":
+            raise IngestError(f"--attribute: column {column!r} is not in the source; {where}")
+    attrs = tuple(dict.fromkeys(attributes))
     if kind == "csv":
-        return FileLayout(source, "delimited", fields, tuple(columns), True, delimiter, quoted=True)
-    return FileLayout(source, kind, fields, tuple(columns))
+        return FileLayout(
+            source, "delimited", fields, tuple(columns), True, delimiter, quoted=True, attributes=attrs
+        )
+    return FileLayout(source, kind, fields, tuple(columns), attributes=attrs)
 
 
 def _show(row: Mapping[str, object] | None) -> str:

@@ -8,6 +8,7 @@ rows are numbered from 1 in file order. Memory is bounded by the batch size, wha
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from client.ingest.lines import (
     read_header,
 )
 from client.ingest.schema import IngestError, Reason, empty_quarantine, quarantine_table
+from client.ingest.sources import check_text, open_source, sample
 
 T = TypeVar("T")
 _SAMPLE_BYTES = 1 << 20
@@ -51,17 +53,17 @@ class RawBatch:
 
 
 def _sample(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        return handle.read(_SAMPLE_BYTES)
+    return sample(path, _SAMPLE_BYTES)[0]
 
 
 def estimate_rows(layout: FileLayout) -> int:
-    """Rows in the file: exact for Parquet, estimated from the first megabyte for text."""
+    """Rows in the file: exact for Parquet, estimated from the first megabyte for text (through the
+    compression ratio seen there for a compressed file)."""
     if layout.kind == "parquet":
         return int(pq.ParquetFile(layout.path).metadata.num_rows)
-    sample = _sample(layout.path)
-    lines = max(1, count_lines(sample))
-    return int(layout.path.stat().st_size / max(1.0, len(sample) / lines)) + 1
+    head, ratio = sample(layout.path, _SAMPLE_BYTES)
+    lines = max(1, count_lines(head))
+    return int(layout.path.stat().st_size * ratio / max(1.0, len(head) / lines)) + 1
 
 
 def chunk_bytes(layout: FileLayout, batch_rows: int) -> int:
@@ -80,9 +82,10 @@ def peek_columns(path: Path, kind: str) -> tuple[list[str], dict[str, Any] | Non
             raise IngestError(f"{path.name} is not a readable Parquet file: {err}") from None
         first = next(pfile.iter_batches(batch_size=1), None)
         return pfile.schema_arrow.names, (first.to_pylist()[0] if first and first.num_rows else None), ","
+    check_text(path, _sample(path))
     if kind == "jsonl":
         return _peek_jsonl(path)
-    with path.open("rb") as handle:
+    with open_source(path) as handle:
         header = read_header(handle).decode("utf-8", "replace")
         first_line = handle.readline().rstrip(b"\r\n").decode("utf-8", "replace")
     delimiter = max(_DELIMITERS, key=header.count)
@@ -130,15 +133,22 @@ def iter_batches(layout: FileLayout, batch_rows: int) -> Iterator[RawBatch]:
     return _delimited_batches(layout, batch_rows)
 
 
+def _skip_bom(handle: BinaryIO) -> None:
+    """Step over a UTF-8 byte order mark, if the stream starts with one (works on unseekable streams)."""
+    if isinstance(handle, io.BufferedReader):
+        if handle.peek(3)[:3] == BOM:
+            handle.read(3)
+    elif handle.read(3) != BOM:
+        handle.seek(0)
+
+
 def _header(layout: FileLayout, handle: BinaryIO) -> list[str]:
     """Read and check the header line; the handle is left at the first data line."""
     text = read_header(handle).decode("utf-8", "replace")
     header = next(csv.reader([text], delimiter=layout.delimiter), [])
-    missing = [c for c in layout.fields.values() if c not in header]
+    missing = [c for c in layout.read_columns if c not in header]
     if missing:
-        position = handle.tell()
-        first = handle.readline().rstrip(b"\r\n").decode("utf-8", "replace")
-        handle.seek(position)
+        first = handle.readline().rstrip(b"\r\n").decode("utf-8", "replace")  # the error ends the read
         raise IngestError(
             f"{layout.path.name}: column {missing[0]!r} is not in the header; expected "
             f"{layout.delimiter.join(layout.columns)!r}, found {text!r}; first row: {first!r}"
@@ -148,13 +158,12 @@ def _header(layout: FileLayout, handle: BinaryIO) -> list[str]:
 
 def _delimited_batches(layout: FileLayout, batch_rows: int) -> Iterator[RawBatch]:
     size = chunk_bytes(layout, batch_rows)
-    with layout.path.open("rb") as handle:
+    with open_source(layout.path) as handle:
         if layout.has_header:
             names = _header(layout, handle)
         else:
             names = list(layout.columns)
-            if handle.read(3) != BOM:
-                handle.seek(0)
+            _skip_bom(handle)
         first_row = 1
         for block in iter_blocks(handle, size):  # one reused buffer: nothing may keep a block
             parsed = parse_delimited(
@@ -180,7 +189,7 @@ def _joined(table: pa.Table, layout: FileLayout) -> Callable[[np.ndarray], list[
 
 
 def _parquet_batches(layout: FileLayout, batch_rows: int) -> Iterator[RawBatch]:
-    columns = list(dict.fromkeys(layout.fields.values()))
+    columns = layout.read_columns
     first_row = 1
     for batch in pq.ParquetFile(layout.path).iter_batches(batch_size=batch_rows, columns=columns):
         table = pa.Table.from_batches([batch])
@@ -198,11 +207,10 @@ def _as_json(table: pa.Table) -> Callable[[np.ndarray], list[str]]:
 
 
 def _jsonl_batches(layout: FileLayout, batch_rows: int) -> Iterator[RawBatch]:
-    columns = list(dict.fromkeys(layout.fields.values()))
+    columns = layout.read_columns
     first_row = 1
-    with layout.path.open("rb") as handle:
-        if handle.read(3) != BOM:
-            handle.seek(0)
+    with open_source(layout.path) as handle:
+        _skip_bom(handle)
         for chunk in iter_chunks(handle, chunk_bytes(layout, batch_rows)):
             yield _jsonl_chunk(layout, chunk, first_row, columns)
             first_row += count_lines(chunk)

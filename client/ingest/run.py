@@ -66,6 +66,10 @@ class IngestReport:
     quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # event names that no role rule maps: kept with role `other` (rows per name, most frequent first)
+    unmapped_events: dict[str, int] = field(default_factory=dict)
+    roles: dict[str, int] = field(default_factory=dict)  # good rows per funnel role
+    attributes: list[str] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)  # source file name -> rows read
     customers: int = 0
     sessions: int = 0
@@ -157,6 +161,8 @@ def _pass_one(
                     pending.result()  # one batch in flight: memory stays bounded
                 pending = spiller.submit(spill.add, checked.good)
                 quarantine.add(checked.quarantine)
+                for event, count in checked.unmapped.items():
+                    report.unmapped_events[event] = report.unmapped_events.get(event, 0) + count
                 report.files[name] += rows
                 report.total += rows
         if pending is not None:
@@ -203,6 +209,8 @@ def _pass_two(
 
 def _collect(result: PartResult, report: IngestReport, quarantine: QuarantineWriter) -> None:
     quarantine.add(result.duplicates)
+    for role, count in result.roles.items():
+        report.roles[role] = report.roles.get(role, 0) + count
     report.good += result.rows
     report.sessions += result.sessions
     report.customers += result.customers
@@ -217,20 +225,24 @@ def ingest(
     behavior_map: dict[str, str] | None = None,
     session_gap_s: int = 1800,
     batch_rows: int = 1_000_000,
+    attributes: tuple[str, ...] = (),
+    strict: bool | None = None,
 ) -> IngestReport:
     """Ingest `source` (format `fmt`) into `out_dir`: store parts, quarantine file and report.
 
-    Raises IngestError (a ValueError) for a wrong format or mapping, FileNotFoundError for a missing
-    source. The source file is never modified."""
+    `attributes`: source columns whose values go into the text; `strict`: quarantine event names that
+    `behavior_map` does not map instead of keeping them with role `other` (default: strict only for
+    the fixed public formats). Raises IngestError (a ValueError) for a wrong format or mapping,
+    FileNotFoundError for a missing source. The source file is never modified."""
     started = time.perf_counter()
     if batch_rows < 1 or session_gap_s < 0:
         raise ValueError("batch_rows must be >= 1 and session_gap_s >= 0")
     source, out_dir = Path(source), Path(out_dir)
-    plan = make_plan(source, fmt, mapping, behavior_map)
+    plan = make_plan(source, fmt, mapping, behavior_map, attributes=tuple(attributes), strict=strict)
     _check_out_dir(plan, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ingest-tmp-", dir=out_dir))
-    report = IngestReport(str(source), plan.fmt, str(out_dir))
+    report = IngestReport(str(source), plan.fmt, str(out_dir), attributes=list(attributes))
     report.session_mode = "source" if plan.source_sessions else f"gap>{session_gap_s}s"
     try:
         filled = plan.filled_fields() | ({"file_index"} if len(plan.files) > 1 else set())
@@ -265,6 +277,7 @@ def _check_out_dir(plan: Plan, out_dir: Path) -> None:
 
 def _finish(report: IngestReport, quarantine: QuarantineWriter, parts: int, started: float) -> None:
     report.quarantined = quarantine.count
+    report.unmapped_events = dict(sorted(report.unmapped_events.items(), key=lambda kv: (-kv[1], kv[0])))
     order = [r.value for r in Reason]
     report.reasons = dict(sorted(quarantine.reasons.items(), key=lambda kv: order.index(kv[0])))
     report.examples = {k: quarantine.examples[k] for k in report.reasons}

@@ -13,15 +13,20 @@ STORE_SCHEMA = pa.schema(
         ("session_id", pa.string()),
         ("timestamp", pa.timestamp("ms", tz="UTC")),
         ("behavior", pa.string()),
+        ("event_name", pa.string()),
         ("item_id", pa.string()),
         ("category", pa.string()),
         ("price", pa.float64()),
         ("query", pa.string()),
         ("title", pa.string()),
+        ("attributes", pa.string()),
         ("source_row", pa.int64()),
     ]
 )
-"""The normalised store. customer_id, session_id, timestamp, behavior and source_row are never null."""
+"""The normalised store. customer_id, session_id, timestamp, behavior and source_row are never null.
+`behavior` is the funnel role (view, fav, cart, buy, search, review, other); `event_name` the shop's own
+name of the event (null for the fixed public formats, whose names are the roles); `attributes` the
+values of the attribute columns kept at ingest, joined by a space."""
 
 BEHAVIOR_TYPE = pa.dictionary(pa.int8(), pa.string())
 """How validation hands on the behaviour: indices into the store behaviours (a byte per row to spill,
@@ -43,8 +48,9 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-TEXT_FIELDS = ("customer_id", "session_id", "behavior", "item_id", "category", "query", "title")
-"""Store fields read as text; `timestamp` and `price` have their own converters."""
+TEXT_FIELDS = ("customer_id", "session_id", "behavior", "event_name", "item_id", "category", "query", "title")
+"""Store fields read as text; `timestamp` and `price` have their own converters, `attributes` is
+built from the attribute columns."""
 
 FIELDS = (*TEXT_FIELDS, "timestamp", "price")
 REQUIRED_FIELDS = ("customer_id", "timestamp", "behavior")
@@ -67,9 +73,7 @@ class Reason(str, enum.Enum):
     MISSING_SESSION_ID = "missing_session_id"
     BAD_TIMESTAMP = "bad_timestamp"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
-    UNKNOWN_BEHAVIOR = "unknown_behavior"
-    MISSING_ITEM_ID = "missing_item_id"
-    MISSING_QUERY = "missing_query"
+    UNKNOWN_BEHAVIOR = "unknown_behavior"  # empty, or (strict mode, fixed formats) not in the role map
     BAD_PRICE = "bad_price"
     NEGATIVE_PRICE = "negative_price"
     DUPLICATE = "duplicate"

@@ -14,7 +14,7 @@ input gives the same ids, and ids of older sessions survive appending newer even
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,17 @@ import pyarrow.compute as pc
 from client.ingest.convert import to_numpy_bool
 from client.ingest.schema import STORE_SCHEMA, Reason, empty_quarantine, quarantine_table
 
-_COMPARED = ("session_id", "behavior", "item_id", "category", "price", "query", "title")
+_COMPARED = (
+    "session_id",
+    "behavior",
+    "event_name",
+    "item_id",
+    "category",
+    "price",
+    "query",
+    "title",
+    "attributes",
+)
 """Besides customer and timestamp (equal by construction), what makes two rows exact duplicates."""
 
 
@@ -36,6 +46,7 @@ class PartResult:
     sessions: int
     customers: int
     rows: int = 0  # rows of `table` (kept when the table itself is dropped after writing)
+    roles: dict[str, int] = field(default_factory=dict)  # rows per funnel role
 
     def __post_init__(self) -> None:
         self.rows = self.rows or self.table.num_rows
@@ -183,7 +194,12 @@ def process_partition(
         rows = rows.without(dup_pos, n)
     if source_sessions:
         session_ids = table["session_id"]
-        sessions = int(pc.count_distinct(pc.take(session_ids, pa.array(np.sort(rows.order)))).as_py())
+        # a session id may repeat across customers (s1 of every customer): count (customer, session)
+        kept = pa.array(np.sort(rows.order))
+        pairs = pc.binary_join_element_wise(
+            pc.take(customers, kept), pc.take(session_ids, kept), "\x1f", null_handling="replace"
+        )
+        sessions = int(pc.count_distinct(pairs).as_py())
     else:
         by_position, names = _gap_session_ids(customers, rows, gap_ms, n)
         # a dictionary, not `names` taken row by row: the Parquet writer stores it as it is
@@ -199,7 +215,17 @@ def process_partition(
         keep = np.ones(n, bool)
         keep[dup_pos] = False
         store = store.filter(pa.array(keep))
-    return PartResult(store, duplicates, sessions, _count_customers(rows))
+    return PartResult(store, duplicates, sessions, _count_customers(rows), roles=_role_counts(store))
+
+
+def _role_counts(store: pa.Table) -> dict[str, int]:
+    """Rows per role: counted on the dictionary codes when the column comes encoded (no strings)."""
+    column = store["behavior"].combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        codes = np.bincount(column.indices.to_numpy(zero_copy_only=False), minlength=len(column.dictionary))
+        names = column.dictionary.to_pylist()
+        return {names[i]: int(c) for i, c in enumerate(codes) if c}
+    return {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
 
 
 def _store_field(f: pa.Field, column: pa.Array | pa.ChunkedArray | None) -> pa.Field:

@@ -7,6 +7,7 @@ exactly one of the two outputs, which is what keeps good + quarantined = total.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from client.ingest.convert import MS_TYPE, as_epoch_ms, as_price, as_text, to_numpy_bool
-from client.ingest.formats import STORE_BEHAVIORS, FileLayout, Plan
+from client.ingest.formats import FileLayout, Plan
 from client.ingest.readers import RawBatch
 from client.ingest.schema import (
     MAX_TIMESTAMP,
@@ -36,6 +37,9 @@ class Checked:
 
     good: pa.Table
     quarantine: pa.Table
+    unmapped: dict[str, int] = dataclasses.field(
+        default_factory=dict
+    )  # event names no role rule maps -> rows
 
 
 @dataclass
@@ -79,7 +83,25 @@ def _texts(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> dict[str, pa.Arra
     if plan.categories is not None and "item_id" in texts and "category" not in layout.fields:
         keys, values = plan.categories
         texts["category"] = pc.take(values, pc.index_in(texts["item_id"], value_set=keys))
+    if layout.attributes:
+        texts["attributes"] = _attributes(batch, flags)
     return texts
+
+
+def _attributes(batch: RawBatch, flags: list[_Flag]) -> pa.Array:
+    """The attribute columns' values joined by a space (missing values left out; none at all: null)."""
+    parts = []
+    for column in batch.layout.attributes:
+        if column in batch.table.column_names:
+            raw = batch.table[column]
+            raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
+            text, bad = as_text(raw)
+            flags.append(_Flag(Reason.BAD_ENCODING, column, bad, "is not valid UTF-8", show_value=False))
+            parts.append(text)
+    if not parts:
+        return pa.nulls(batch.table.num_rows, pa.string())
+    joined = pc.binary_join_element_wise(*parts, " ", null_handling="skip")
+    return pc.if_else(pc.equal(pc.binary_length(joined), 0), pa.scalar(None, pa.string()), joined)
 
 
 def _empty_rows(batch: RawBatch, texts: dict[str, pa.Array]) -> np.ndarray:
@@ -116,20 +138,21 @@ def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array | None:
     return price
 
 
-_SEARCH = STORE_BEHAVIORS.to_pylist().index("search")
-
-
 def _behavior_flags(
-    texts: dict[str, pa.Array], behavior: pa.DictionaryArray, flags: list[_Flag], n: int
-) -> None:
-    flags.append(
-        _Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", _is_null(behavior), "is not in the behaviour map")
-    )
-    search = to_numpy_bool(pc.equal(behavior.indices, pa.scalar(_SEARCH, pa.int8())))
-    no_item = _is_null(texts["item_id"]) if "item_id" in texts else np.ones(n, bool)
-    no_query = _is_null(texts["query"]) if "query" in texts else np.ones(n, bool)
-    flags.append(_Flag(Reason.MISSING_ITEM_ID, "item_id", no_item & ~search, "is empty", False))
-    flags.append(_Flag(Reason.MISSING_QUERY, "query", no_query & search, "is empty for a search", False))
+    texts: dict[str, pa.Array], plan: Plan, flags: list[_Flag]
+) -> tuple[pa.DictionaryArray, dict[str, int]]:
+    """Roles of the batch and the unmapped names with their counts. Item ids and query texts are
+    optional: a page type without an item and a search without its query are events all the same."""
+    behavior, unmapped = plan.behaviors.encode(texts["behavior"])
+    empty = _is_null(texts["behavior"])
+    flags.append(_Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", empty, "is empty", show_value=False))
+    if plan.behaviors.strict:
+        unknown = _is_null(behavior) & ~empty
+        flags.append(_Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", unknown, "is not in the behaviour map"))
+    counts: dict[str, int] = {}
+    if unmapped is not None and len(unmapped):
+        counts = {e["values"]: e["counts"] for e in pc.value_counts(unmapped).to_pylist()}
+    return behavior, counts
 
 
 def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema = SPILL_SCHEMA) -> Checked:
@@ -147,8 +170,7 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
             _Flag(Reason.MISSING_SESSION_ID, "session_id", _is_null(texts["session_id"]), "is empty", False)
         )
     ms = _time_flags(batch, plan, flags)
-    behavior = plan.behaviors.encode(texts["behavior"])
-    _behavior_flags(texts, behavior, flags, n)
+    behavior, unmapped = _behavior_flags(texts, plan, flags)
     price = _price(batch, plan, flags)
     code, which = _assign(flags, n)
     columns: dict[str, pa.Array] = {
@@ -166,7 +188,9 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
     )
     if code.any():
         good = good.filter(pa.array(code == 0))
-    return Checked(good, _quarantine(batch, flags, code, which))
+    if plan.behaviors.strict:
+        unmapped = {}  # quarantined, so counted there
+    return Checked(good, _quarantine(batch, flags, code, which), unmapped)
 
 
 def _assign(flags: list[_Flag], n: int) -> tuple[np.ndarray, np.ndarray]:
