@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.config import parse_sets
+
 
 def _quiet_libraries() -> None:
     for key, value in {
@@ -26,20 +28,6 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs; values parsed as JSON when they can be (numbers, booleans), else strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r} (e.g. --set num-rounds=5)")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from simulations.run import simulate
@@ -49,7 +37,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides[key] = args.merchants  # every simulated merchant takes part
     if args.name:
         overrides["run-name"] = args.name
-    overrides.update(_parse_sets(args.set))
+    overrides.update(parse_sets(args.set))
     run_dir = simulate(overrides, merchants=args.merchants)
     print(f"\nrun folder: {run_dir}")
     return 0
@@ -148,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
     from client.cli import add_merchant_daemon_cli
     from client.ingest.cli import add_ingest_cli
+    from client.preview import add_preview_cli
     from server.cli import add_coordinator_cli
 
     add_ingest_cli(merchant)
+    add_preview_cli(merchant)
     add_merchant_daemon_cli(merchant)
     add_coordinator_cli(sub)
     return parser

@@ -73,12 +73,15 @@ class Event(BaseModel):
     customer_segment: str | None = None
     customer_region: str | None = None
     customer_age_band: str | None = None
-    # attribute columns kept at ingest (`--attribute platform,user_lifecycle`), their values joined by " "
+    # attribute columns kept at ingest (`--attribute platform,user_lifecycle`): "platform=mobile | …"
     attributes: str | None = None
 
     def customer_attributes(self) -> tuple[str, ...]:
-        known = (self.customer_segment, self.customer_region, self.customer_age_band, self.attributes)
-        return tuple(a for a in known if a)
+        """Attribute values for the text ("gold", "north", "mobile"): the names cost tokens and say
+        little the values do not."""
+        known = [self.customer_segment, self.customer_region, self.customer_age_band]
+        known += [pair.partition("=")[2] or pair for pair in (self.attributes or "").split(" | ")]
+        return tuple(a.strip() for a in known if a and a.strip())
 
     @field_validator("behavior", mode="before")
     @classmethod

@@ -1,12 +1,15 @@
 """Split one ingested dataset into several simulated merchants, so real data drives the simulation.
 
-Each customer goes to exactly one merchant: by the value of a column (e.g. a region or channel
-column, values assigned to merchants by a stable hash) or by a hash of the customer id. Every merchant
+Each customer goes to exactly one merchant: by the value of a column or of an attribute kept at ingest
+(e.g. a region or acquisition channel, values assigned to merchants by a stable hash) or by a hash of
+the customer id. A labels file beside the store (`--labels` at ingest) is split the same way. Every merchant
 gets its own folder with `store/part-00000.parquet` and `merchant.json`, as a deployed merchant has.
 """
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from client.ingest.schema import ATTRIBUTE_SEPARATOR
 from shared.fileio import atomic_write_json
 from shared.tasks import stable_hash
 
@@ -46,8 +50,9 @@ def split_store(
     tables: list[list[pa.Table]] = [[] for _ in range(merchants)]
     for part in parts:
         table = pq.read_table(part)
-        if by not in table.column_names:
-            raise ValueError(f"cannot split by {by!r}: the store has columns {', '.join(table.column_names)}")
+        derived = by not in table.column_names  # an attribute: pulled out, dropped again on writing
+        if derived:
+            table = _with_attribute(table, by)
         if by != "customer_id":  # a customer follows its first row's value, so it never spans merchants
             first = table.group_by("customer_id", use_threads=False).aggregate([(by, "first")])
             keys = dict(zip(first["customer_id"].to_pylist(), first[f"{by}_first"].to_pylist(), strict=True))
@@ -56,8 +61,13 @@ def split_store(
             column = table[by]
         buckets = _bucket(column, merchants)
         for m in range(merchants):
-            tables[m].append(table.filter(pa.array(buckets == m)))
+            mine = table.filter(pa.array(buckets == m))
+            tables[m].append(mine.drop_columns([by]) if derived else mine)
     folders = []
+    owner: dict[str, int] = {}
+    for m in range(merchants):
+        for t in tables[m]:
+            owner.update(dict.fromkeys(t["customer_id"].to_pylist(), m))
     for m in range(merchants):
         folder = out_root / f"merchant-{m}"
         (folder / "store").mkdir(parents=True, exist_ok=True)
@@ -67,4 +77,41 @@ def split_store(
             {"merchant_id": f"merchant-{m}", "max_epsilon": max_epsilon, "delta": delta},
         )
         folders.append(folder)
+    _split_labels(ingested, folders, owner)
     return folders
+
+
+def _with_attribute(table: pa.Table, name: str) -> pa.Table:
+    """`table` with a column holding attribute `name` (from the `attributes` pairs), or a clear error."""
+    known = set(table.column_names)
+    if "attributes" in known:
+        sep = re.escape(ATTRIBUTE_SEPARATOR)
+        pattern = rf"(?:^|{sep}){re.escape(name)}=(?P<v>.*?)(?:{sep}|$)"
+        values = pc.struct_field(pc.extract_regex(table["attributes"], pattern), "v")
+        if pc.count(values).as_py():
+            return table.append_column(name, values)
+    raise ValueError(
+        f"cannot split by {name!r}: the store has columns {', '.join(table.column_names)} and no such "
+        "attribute (keep it at ingest with --attribute)"
+    )
+
+
+def _split_labels(ingested: Path, folders: list[Path], owner: dict[str, int]) -> None:
+    """Each labelled customer's rows go to its merchant; rows keyed by a session id alone go to every
+    merchant (each one's own check then keeps only its sessions)."""
+    source = next((ingested / n for n in ("labels.csv",) if (ingested / n).is_file()), None)
+    if source is None:
+        return
+    with source.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows: list[list[dict[str, str]]] = [[] for _ in folders]
+        for row in reader:
+            m = owner.get((row.get("customer_id") or "").strip())
+            for i in [m] if m is not None else ([] if row.get("customer_id") else range(len(folders))):
+                rows[i].append(row)
+    for folder, mine in zip(folders, rows, strict=True):
+        with (folder / "labels.csv").open("w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(mine)

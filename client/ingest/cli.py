@@ -90,10 +90,32 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
         "yoochoose; off for csv/parquet/jsonl, where they get role `other`)",
     )
     parser.add_argument("--categories", help="retailrocket: itemid,categoryid CSV or item_properties files")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="the merchant's own labels for task customer-label (CSV: customer_id,label or "
+        "customer_id,session_id,label), copied beside the store; rows are checked when training",
+    )
     parser.add_argument("--session-gap", type=int, default=1800, metavar="SECONDS", help="inactivity gap")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per batch (memory bound)")
     parser.set_defaults(func=cmd_ingest)
     return parser
+
+
+def copy_labels(source: Path, out_dir: Path) -> Path:
+    """Check a labels file's header and copy it into the merchant folder, as `labels.csv[.gz|…]`."""
+    import shutil
+
+    from client.labels import LABELS_FILES, check_header
+
+    check_header(source)
+    suffix = "".join(s for s in source.suffixes[-1:] if s in (".gz", ".bz2", ".zst"))
+    for old in LABELS_FILES:  # one labels file per folder: the new one replaces any older one
+        (out_dir / old).unlink(missing_ok=True)
+    target = out_dir / f"labels.csv{suffix}"
+    shutil.copyfile(source, target)
+    return target
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -114,6 +136,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         attributes=tuple(c.strip() for text in args.attribute for c in text.split(",") if c.strip()),
         strict=args.strict,
     )
+    if args.labels is not None:
+        print(f"labels: {copy_labels(args.labels, args.out)}")
     print(f"{report.total} rows: {report.good} good, {report.quarantined} quarantined")
     for reason, count in report.reasons.items():
         example = report.examples[reason][0]

@@ -72,7 +72,7 @@ class FileLayout:
 
 STORE_BEHAVIORS = pa.array([b.value for b in Behavior], pa.string())
 """The dictionary of `BehaviorTable.encode`: every store behaviour, in a fixed order."""
-_OTHER_CODE = [b.value for b in Behavior].index(Behavior.OTHER.value)
+OTHER_CODE = [b.value for b in Behavior].index(Behavior.OTHER.value)
 
 
 @dataclass(frozen=True)
@@ -94,20 +94,17 @@ class BehaviorTable:
         """Store behaviours of `names` (null where unknown); exact match first, then case-insensitive."""
         return pc.take(self.values, self._index(names))
 
-    def encode(self, names: pa.Array) -> tuple[pa.DictionaryArray, pa.Array | None]:
+    def encode(self, names: pa.Array) -> pa.DictionaryArray:
         """Roles of `names` as a dictionary array over `STORE_BEHAVIORS` (type `BEHAVIOR_TYPE`: no
-        strings built), and the names that no rule maps (None when every name is mapped). Unless strict,
-        those get role `other`; an empty name stays null (quarantined) either way."""
+        strings built). Unless strict, a name no rule maps gets role `other`; an empty name stays null
+        (quarantined) either way, as does an unmapped one when strict."""
         codes = pc.index_in(self.values, value_set=STORE_BEHAVIORS).cast(pa.int8())
         index = self._index(names)
-        unmapped = None
-        if index.null_count > names.null_count:
+        if not self.strict and index.null_count > names.null_count:
             missing = pc.and_(pc.is_null(index), pc.is_valid(names))
-            unmapped = pc.filter(names, missing)
-            if not self.strict:
-                index = pc.if_else(missing, pa.scalar(len(self.keys), index.type), index)
-                codes = pa.concat_arrays([codes, pa.array([_OTHER_CODE], pa.int8())])
-        return pa.DictionaryArray.from_arrays(pc.take(codes, index), STORE_BEHAVIORS), unmapped
+            index = pc.if_else(missing, pa.scalar(len(self.keys), index.type), index)
+            codes = pa.concat_arrays([codes, pa.array([OTHER_CODE], pa.int8())])
+        return pa.DictionaryArray.from_arrays(pc.take(codes, index), STORE_BEHAVIORS)
 
 
 @dataclass(frozen=True)

@@ -161,8 +161,6 @@ def _pass_one(
                     pending.result()  # one batch in flight: memory stays bounded
                 pending = spiller.submit(spill.add, checked.good)
                 quarantine.add(checked.quarantine)
-                for event, count in checked.unmapped.items():
-                    report.unmapped_events[event] = report.unmapped_events.get(event, 0) + count
                 report.files[name] += rows
                 report.total += rows
         if pending is not None:
@@ -211,6 +209,8 @@ def _collect(result: PartResult, report: IngestReport, quarantine: QuarantineWri
     quarantine.add(result.duplicates)
     for role, count in result.roles.items():
         report.roles[role] = report.roles.get(role, 0) + count
+    for event, count in result.other_events.items():
+        report.unmapped_events[event] = report.unmapped_events.get(event, 0) + count
     report.good += result.rows
     report.sessions += result.sessions
     report.customers += result.customers

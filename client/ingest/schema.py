@@ -26,7 +26,8 @@ STORE_SCHEMA = pa.schema(
 """The normalised store. customer_id, session_id, timestamp, behavior and source_row are never null.
 `behavior` is the funnel role (view, fav, cart, buy, search, review, other); `event_name` the shop's own
 name of the event (null for the fixed public formats, whose names are the roles); `attributes` the
-values of the attribute columns kept at ingest, joined by a space."""
+attribute columns kept at ingest as `name=value` pairs joined by " | "."""
+ATTRIBUTE_SEPARATOR = " | "
 
 BEHAVIOR_TYPE = pa.dictionary(pa.int8(), pa.string())
 """How validation hands on the behaviour: indices into the store behaviours (a byte per row to spill,

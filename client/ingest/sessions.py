@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from client.ingest.convert import to_numpy_bool
+from client.ingest.formats import OTHER_CODE
 from client.ingest.schema import STORE_SCHEMA, Reason, empty_quarantine, quarantine_table
 
 _COMPARED = (
@@ -47,6 +48,7 @@ class PartResult:
     customers: int
     rows: int = 0  # rows of `table` (kept when the table itself is dropped after writing)
     roles: dict[str, int] = field(default_factory=dict)  # rows per funnel role
+    other_events: dict[str, int] = field(default_factory=dict)  # rows per event name with role other
 
     def __post_init__(self) -> None:
         self.rows = self.rows or self.table.num_rows
@@ -215,17 +217,26 @@ def process_partition(
         keep = np.ones(n, bool)
         keep[dup_pos] = False
         store = store.filter(pa.array(keep))
-    return PartResult(store, duplicates, sessions, _count_customers(rows), roles=_role_counts(store))
+    roles, others = _role_counts(store)
+    return PartResult(store, duplicates, sessions, _count_customers(rows), roles=roles, other_events=others)
 
 
-def _role_counts(store: pa.Table) -> dict[str, int]:
-    """Rows per role: counted on the dictionary codes when the column comes encoded (no strings)."""
+def _role_counts(store: pa.Table) -> tuple[dict[str, int], dict[str, int]]:
+    """Rows per role, and per event name among rows of role `other` (what the merchant may still want
+    to map). Roles are counted on the dictionary codes when the column comes encoded (no strings)."""
     column = store["behavior"].combine_chunks()
     if pa.types.is_dictionary(column.type):
-        codes = np.bincount(column.indices.to_numpy(zero_copy_only=False), minlength=len(column.dictionary))
         names = column.dictionary.to_pylist()
-        return {names[i]: int(c) for i, c in enumerate(codes) if c}
-    return {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
+        codes = np.bincount(column.indices.to_numpy(zero_copy_only=False), minlength=len(names))
+        roles = {names[i]: int(c) for i, c in enumerate(codes) if c}
+        other = pc.equal(column.indices, pa.scalar(OTHER_CODE, column.indices.type))
+    else:
+        roles = {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
+        other = pc.equal(column, "other")
+    if not roles.get("other") or store["event_name"].null_count == store.num_rows:
+        return roles, {}
+    named = pc.filter(store["event_name"], other)
+    return roles, {e["values"]: e["counts"] for e in pc.value_counts(named).to_pylist() if e["values"]}
 
 
 def _store_field(f: pa.Field, column: pa.Array | pa.ChunkedArray | None) -> pa.Field:

@@ -7,7 +7,6 @@ exactly one of the two outputs, which is what keeps good + quarantined = total.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +17,7 @@ from client.ingest.convert import MS_TYPE, as_epoch_ms, as_price, as_text, to_nu
 from client.ingest.formats import FileLayout, Plan
 from client.ingest.readers import RawBatch
 from client.ingest.schema import (
+    ATTRIBUTE_SEPARATOR,
     MAX_TIMESTAMP,
     MAX_TIMESTAMP_MS,
     MIN_TIMESTAMP,
@@ -37,9 +37,6 @@ class Checked:
 
     good: pa.Table
     quarantine: pa.Table
-    unmapped: dict[str, int] = dataclasses.field(
-        default_factory=dict
-    )  # event names no role rule maps -> rows
 
 
 @dataclass
@@ -89,7 +86,8 @@ def _texts(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> dict[str, pa.Arra
 
 
 def _attributes(batch: RawBatch, flags: list[_Flag]) -> pa.Array:
-    """The attribute columns' values joined by a space (missing values left out; none at all: null)."""
+    """The attribute columns as `name=value` pairs joined by " | " (missing values left out; none at
+    all: null). The names stay so that a simulation can split merchants by one attribute."""
     parts = []
     for column in batch.layout.attributes:
         if column in batch.table.column_names:
@@ -97,10 +95,10 @@ def _attributes(batch: RawBatch, flags: list[_Flag]) -> pa.Array:
             raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
             text, bad = as_text(raw)
             flags.append(_Flag(Reason.BAD_ENCODING, column, bad, "is not valid UTF-8", show_value=False))
-            parts.append(text)
+            parts.append(pc.binary_join_element_wise(f"{column}=", text, ""))  # null stays null
     if not parts:
         return pa.nulls(batch.table.num_rows, pa.string())
-    joined = pc.binary_join_element_wise(*parts, " ", null_handling="skip")
+    joined = pc.binary_join_element_wise(*parts, ATTRIBUTE_SEPARATOR, null_handling="skip")
     return pc.if_else(pc.equal(pc.binary_length(joined), 0), pa.scalar(None, pa.string()), joined)
 
 
@@ -138,21 +136,16 @@ def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array | None:
     return price
 
 
-def _behavior_flags(
-    texts: dict[str, pa.Array], plan: Plan, flags: list[_Flag]
-) -> tuple[pa.DictionaryArray, dict[str, int]]:
-    """Roles of the batch and the unmapped names with their counts. Item ids and query texts are
-    optional: a page type without an item and a search without its query are events all the same."""
-    behavior, unmapped = plan.behaviors.encode(texts["behavior"])
+def _behavior_flags(texts: dict[str, pa.Array], plan: Plan, flags: list[_Flag]) -> pa.DictionaryArray:
+    """Roles of the batch (unmapped names: role `other`, or quarantined when strict). Item ids and
+    query texts are optional: a page without an item and a search without its query are events."""
+    behavior = plan.behaviors.encode(texts["behavior"])
     empty = _is_null(texts["behavior"])
     flags.append(_Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", empty, "is empty", show_value=False))
     if plan.behaviors.strict:
         unknown = _is_null(behavior) & ~empty
         flags.append(_Flag(Reason.UNKNOWN_BEHAVIOR, "behavior", unknown, "is not in the behaviour map"))
-    counts: dict[str, int] = {}
-    if unmapped is not None and len(unmapped):
-        counts = {e["values"]: e["counts"] for e in pc.value_counts(unmapped).to_pylist()}
-    return behavior, counts
+    return behavior
 
 
 def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema = SPILL_SCHEMA) -> Checked:
@@ -170,7 +163,7 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
             _Flag(Reason.MISSING_SESSION_ID, "session_id", _is_null(texts["session_id"]), "is empty", False)
         )
     ms = _time_flags(batch, plan, flags)
-    behavior, unmapped = _behavior_flags(texts, plan, flags)
+    behavior = _behavior_flags(texts, plan, flags)
     price = _price(batch, plan, flags)
     code, which = _assign(flags, n)
     columns: dict[str, pa.Array] = {
@@ -188,9 +181,7 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
     )
     if code.any():
         good = good.filter(pa.array(code == 0))
-    if plan.behaviors.strict:
-        unmapped = {}  # quarantined, so counted there
-    return Checked(good, _quarantine(batch, flags, code, which), unmapped)
+    return Checked(good, _quarantine(batch, flags, code, which))
 
 
 def _assign(flags: list[_Flag], n: int) -> tuple[np.ndarray, np.ndarray]:
