@@ -1,12 +1,14 @@
 """Flower ClientApp: decode the message, call `client.merchant`, encode the reply. Nothing else.
 
 The model, tokenizer and data are cached at module level by `client.merchant` (a ClientApp object is
-rebuilt for every message). Only adapter tensors and scalar metrics are put in a reply.
+rebuilt for every message). Only adapter tensors, scalar metrics and a status with a fixed short
+reason are put in a reply: an exception's text stays in the merchant's log.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -34,21 +36,65 @@ def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
     return from_node_config(context.node_config, cfg.sim_root)
 
 
+class BadRequestError(ValueError):
+    """The coordinator's message could not be read (missing record, wrong type, invalid run config)."""
+
+
 def _decode(msg: Message) -> tuple[RunConfig, int, str, dict]:
-    cfg = RunConfig.parse(dict(msg.content[protocol.CONFIG]))
-    rnd = msg.content[protocol.ROUND]
-    adapter = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
-    return cfg, int(rnd[protocol.SERVER_ROUND]), str(rnd[protocol.RUN_KEY]), adapter  # type: ignore[arg-type]
+    try:
+        cfg = RunConfig.parse(dict(msg.content[protocol.CONFIG]))
+        rnd = msg.content[protocol.ROUND]
+        adapter = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
+        return cfg, int(rnd[protocol.SERVER_ROUND]), str(rnd[protocol.RUN_KEY]), adapter  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadRequestError(f"{type(err).__name__}: {err}") from err
 
 
-def _status(status: str, merchant_id: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"status": status, "merchant-id": merchant_id, "reason": reason[:500]})
+# The reason a refusal or failure carries when the merchant code gave none.
+_DEFAULT_REASON = {merchant.REFUSED_BUDGET: merchant.BUDGET, merchant.FAILED: merchant.ERROR}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, server_round, run_key, adapter = _decode(msg)
-    settings = _settings(context, cfg)
+def _status(status: str, merchant_id: str, code: str = "") -> ConfigRecord:
+    # Only a fixed reason may cross; anything else (a detail, an exception's text) becomes "error".
+    reason = (code if code in merchant.WIRE_REASONS else merchant.ERROR) or _DEFAULT_REASON.get(status, "")
+    return ConfigRecord({"status": status, "merchant-id": merchant_id, "reason": reason})
+
+
+def _failure(msg: Message, merchant_id: str, code: str) -> Message:
+    content = RecordDict(
+        {protocol.METRICS: MetricRecord({}), protocol.STATUS: _status(merchant.FAILED, merchant_id, code)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+Handler = Callable[[RunConfig, int, str, dict, MerchantSettings], RecordDict]
+
+
+def _answer(msg: Message, context: Context, handler: Handler) -> Message:
+    """Run `handler` on the decoded request. Any exception becomes a `failed` reply with a fixed
+    reason and its text is logged here only: left to Flower, `str(exception)` would be sent to the
+    coordinator verbatim."""
+    kind = msg.metadata.message_type
+    try:
+        cfg, server_round, run_key, adapter = _decode(msg)
+        settings = _settings(context, cfg)
+    except BadRequestError as err:
+        log.error("refusing a malformed %s request: %s", kind, err)
+        return _failure(msg, "", merchant.BAD_REQUEST)
+    except Exception:
+        log.exception("%s request: merchant settings could not be loaded", kind)
+        return _failure(msg, "", merchant.ERROR)
+    try:
+        content = handler(cfg, server_round, run_key, adapter, settings)
+    except Exception:
+        log.exception("%s %s request failed (round %d)", settings.merchant_id, kind, server_round)
+        return _failure(msg, settings.merchant_id, merchant.ERROR)
+    return Message(content=content, reply_to=msg)
+
+
+def _train(
+    cfg: RunConfig, server_round: int, run_key: str, adapter: dict, settings: MerchantSettings
+) -> RecordDict:
     outcome = merchant.train_round(settings, cfg, adapter, server_round=server_round, run_id=run_key)
     metrics = MetricRecord(
         {"epsilon": outcome.epsilon, "delta": outcome.delta, "examples": outcome.examples, **outcome.metrics}
@@ -56,23 +102,31 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             protocol.METRICS: metrics,
-            protocol.STATUS: _status(outcome.status, outcome.merchant_id, outcome.reason),
+            protocol.STATUS: _status(outcome.status, outcome.merchant_id, outcome.code),
         }
     )
     if outcome.adapter is not None:
         content[protocol.ARRAYS] = ArrayRecord(outcome.adapter)  # already through the outgoing guard
-    return Message(content=content, reply_to=msg)
+    return content
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, _, adapter = _decode(msg)
-    settings = _settings(context, cfg)
+def _evaluate(
+    cfg: RunConfig, server_round: int, run_key: str, adapter: dict, settings: MerchantSettings
+) -> RecordDict:
     metrics = merchant.evaluate_round(settings, cfg, adapter)
-    content = RecordDict(
+    return RecordDict(
         {
             protocol.METRICS: MetricRecord(metrics),
             protocol.STATUS: _status(protocol.EVALUATED, settings.merchant_id),
         }
     )
-    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, _evaluate)

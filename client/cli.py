@@ -1,4 +1,4 @@
-"""`fedbehavior merchant init|start|stop`: the merchant's daemon (a Flower SuperNode)."""
+"""`fedbehavior merchant init|trust|start|stop`: the merchant's daemon (a Flower SuperNode)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,44 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(question: str) -> str:
+    try:
+        return input(question).strip().lower()
+    except EOFError:  # no terminal (a script): nothing was approved
+        return ""
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    from client.trust import AppBundle, TrustStore
+
+    folder = Path(args.merchant_dir).expanduser().resolve()
+    store = TrustStore(folder)
+    if args.list or args.revoke:
+        if args.revoke:
+            gone = store.revoke(args.revoke)
+            print(f"revoked {len(gone)} approval(s)" + "".join(f"\n  {a.sha256}  {a.app}" for a in gone))
+        for a in store.approvals():
+            print(f"{a.sha256}  {a.app}  {a.files} files  approved {a.approved_at} from {a.source}")
+        return 0
+    if not args.app:
+        raise ValueError("give the app to approve (a folder or a .fab file), or --list / --revoke HASH")
+    if not (folder / "merchant.toml").exists():
+        raise FileNotFoundError(f"no merchant.toml in {folder}: pass --merchant-dir <your merchant folder>")
+    bundle = AppBundle.load(Path(args.app))
+    print(bundle.describe())
+    print(
+        "Approving lets every run that brings exactly these bytes execute them next to your data; "
+        "the ledger, budget and outgoing guard that protect it are part of them."
+    )
+    if not args.yes and _ask("Approve this app? [y/N] ") not in ("y", "yes"):
+        print("not approved")
+        return 1
+    approval = store.approve(bundle)
+    print(f"approved {approval.app} (sha256 {approval.sha256}) in {store.approvals_path}")
+    print("a running SuperNode checks approvals for every new run: no restart needed")
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from client.daemon import Merchant
 
@@ -76,6 +114,16 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
     )
     init.add_argument("--insecure", action="store_true", help="no TLS, no key: development only")
     init.set_defaults(func=cmd_init)
+
+    trust = merchant.add_parser(
+        "trust", help="review a Flower app (folder or .fab) and approve it: only approved apps run here"
+    )
+    trust.add_argument("app", nargs="?", default="", help="the app folder or .fab the coordinator runs")
+    trust.add_argument("--merchant-dir", default=".", help="your merchant folder (default: here)")
+    trust.add_argument("--yes", action="store_true", help="approve without asking (after reviewing)")
+    trust.add_argument("--list", action="store_true", help="list the approved apps")
+    trust.add_argument("--revoke", default="", metavar="SHA256", help="withdraw an approval (hash prefix)")
+    trust.set_defaults(func=cmd_trust)
 
     start = merchant.add_parser("start", help="start this merchant's daemon (Flower SuperNode)")
     start.add_argument("merchant_dir")

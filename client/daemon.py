@@ -2,8 +2,10 @@
 
 `init_merchant` prepares a merchant folder (key pair + merchant.toml); `Merchant.start` launches the
 SuperNode with the merchant folder in its node config, so every ClientApp it runs reads this
-merchant's settings and data locally. The SuperNode reconnects by itself when the coordinator goes
-away and comes back; the ledger in `state/` survives restarts of either side.
+merchant's settings and data locally. The SuperNode runs only apps the merchant approved with
+`fedbehavior merchant trust` (`client/trust.py`, `client/supernode.py`); it does not start without one.
+The SuperNode reconnects by itself when the coordinator goes away and comes back; the ledger in
+`state/` survives restarts of either side.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.settings import TOML_FILE, MerchantSettings
-from shared.daemon import Daemon, flower_env, flower_executable
+from client.trust import TrustStore
+from shared.daemon import Daemon, flower_env
 from shared.pki import check_secret_permissions, make_merchant_keys
 
 INSECURE_WARNING = """
@@ -120,11 +123,33 @@ class Merchant:
     def supernode(self) -> Daemon:
         return Daemon("supernode", self.settings.state_dir)
 
+    @property
+    def trust(self) -> TrustStore:
+        return TrustStore(self.folder)
+
+    def trusted_entities(self) -> Path:
+        """The `--trusted-entities` file; refuses when no app is approved (every run would be refused)."""
+        if not self.trust.approvals():
+            raise PermissionError(
+                f"{self.folder} has approved no Flower app, so its SuperNode would refuse every run. Review "
+                f"the coordinator's app and approve it: fedbehavior merchant trust <app folder or .fab> "
+                f"--merchant-dir {self.folder}"
+            )
+        return self.trust.write_entities()
+
     def supernode_command(self) -> list[str]:
         d = self.settings.daemon
         node_config = f"merchant-dir={_toml_str(str(self.folder))}"
         cmd = [
-            flower_executable("flower-supernode"),
+            # the merchant's own launcher around Flower's SuperNode; -I: no working folder on sys.path
+            sys.executable,
+            "-I",
+            "-m",
+            "client.supernode",
+            "--merchant-dir",
+            str(self.folder),
+            "--trusted-entities",
+            str(self.trusted_entities()),
             "--superlink",
             d.superlink,
             "--node-config",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from shared.tasks import (
     one_per_customer,
     split_by_time,
     split_customers,
+    up_to_k_per_customer,
 )
 from shared.text import serialize, tokenizer_counter
 
@@ -146,19 +148,29 @@ class MerchantData:
         salt: str,
         report: LoadReport,
         split: str = "customer",
+        cutoff: datetime | None = None,
+        labels: object = None,
+        require_both: bool = True,
     ) -> MerchantData:
-        """`split="customer"`: held-out customers never train; `split="time"`: training sessions end
-        before a cut-off, evaluation sessions start after it (no future events in training)."""
-        candidates, stats = build_candidates(task, events)
+        """`split="customer"`: held-out customers never train. `split="time"` also needs `cutoff`,
+        the run config's public `eval-cutoff`: held-out customers are drawn the same way and keep
+        only sessions that start at or after it, training customers only sessions that end before
+        it (no future events in training, no customer in both sets)."""
+        candidates, stats = build_candidates(task, events, labels=labels)
         if split == "time":
-            train, held_out, _ = split_by_time(candidates, eval_fraction=eval_fraction)
+            if cutoff is None:
+                raise ValueError(
+                    "eval-split=time needs eval-cutoff, a public ISO date/time in the run config "
+                    '(e.g. eval-cutoff="2026-02-01"); set it or use eval-split=customer'
+                )
+            train, held_out = split_by_time(candidates, cutoff=cutoff, eval_fraction=eval_fraction, salt=salt)
         elif split == "customer":
             train_ids, eval_ids = split_customers(candidates, eval_fraction=eval_fraction, salt=salt)
             train = {c: candidates[c] for c in train_ids}
             held_out = {c: candidates[c] for c in eval_ids}
         else:
             raise ValueError(f"eval-split must be 'customer' or 'time', got {split!r}")
-        if not train or not held_out:
+        if require_both and (not train or not held_out):
             raise ValueError(
                 f"need examples for both training and evaluation, got {len(train)} and {len(held_out)} "
                 f"customers from {len(candidates)} with a {task.name} example; "
@@ -174,9 +186,12 @@ class MerchantData:
     def eval_customers(self) -> list[str]:
         return sorted(self.eval_candidates)
 
-    def train_round(self, round_seed: object) -> list[Candidate]:
-        """This round's training set: at most one example per training customer."""
-        return one_per_customer(self.train_candidates, self.train_customers, round_seed=round_seed)
+    def train_round(self, round_seed: object, examples_per_customer: int = 1) -> list[Candidate]:
+        """This round's training set: at most `examples_per_customer` examples per training customer,
+        grouped by customer (customer-level DP-SGD clips each customer's summed gradient)."""
+        return up_to_k_per_customer(
+            self.train_candidates, self.train_customers, k=examples_per_customer, round_seed=round_seed
+        )
 
     def evaluation(self) -> list[Candidate]:
         """The fixed held-out set: one example per evaluation customer, the same every round."""
@@ -184,16 +199,23 @@ class MerchantData:
 
 
 class Encoder:
-    """Serialises candidates to text and tokenises them, caching texts by (session, prefix length)."""
+    """Serialises candidates to text and tokenises them, caching each text by the events it is made of.
+
+    The text is a function of the prefix alone, so the prefix itself is the cache key: no id can
+    collide. Ids do: session ids may repeat across customers (legal in generic and JSON Lines
+    exports), and one encoder serves every simulated merchant of a process, so a key of ids could
+    hand one customer's text to another customer's example.
+    """
 
     def __init__(self, tokenizer: object, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self._count = tokenizer_counter(tokenizer)
-        self._texts: dict[tuple[str, int], str] = {}
+        self._texts: dict[tuple[Event, ...], str] = {}  # Events are frozen: hashed and compared by value
 
     def text(self, candidate: Candidate) -> str:
-        key = (candidate.session_id, len(candidate.prefix))
+        """The candidate's prefix as text, within `max_length` tokens with [CLS] and [SEP]."""
+        key = candidate.prefix
         if key not in self._texts:
             # two special tokens ([CLS], [SEP]) share the budget with the events
             self._texts[key] = serialize(

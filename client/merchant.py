@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 
 from client.data import Encoder, MerchantData, load_events
+from client.labels import find_labels, load_labels
+from client.round_checks import check_run_cap, delta_problem, incoming_problem, run_epsilon_target
 from client.settings import MerchantSettings
-from client.train import DPSettings, StepPlan, TrainSettings, evaluate, train_dp
+from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, evaluate, train_dp
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
 from shared.config import RunConfig
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
@@ -29,6 +32,12 @@ from shared.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 TRAINED, REFUSED_BUDGET, FAILED = "trained", "refused-budget", "failed"
+
+# The only words about a refusal or failure that leave the merchant. Exception text can quote
+# private values (customer counts, paths, epsilon spent by other runs), so it is logged here instead.
+BUDGET, CALIBRATION, NON_FINITE = "budget", "calibration", "non-finite"
+BAD_REQUEST, ERROR = "bad-request", "error"
+WIRE_REASONS = frozenset({"", BUDGET, CALIBRATION, NON_FINITE, BAD_REQUEST, ERROR})
 
 
 @dataclass
@@ -42,7 +51,8 @@ class RoundOutcome:
     examples: int = 0
     adapter: AdapterState | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
+    reason: str = ""  # the local explanation: logged on the merchant, never sent
+    code: str = ""  # the fixed short reason (one of WIRE_REASONS) that the reply carries
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,11 +76,28 @@ def cached_encoder(backbone: str, max_length: int) -> Encoder:
 
 @lru_cache(maxsize=4)
 def cached_data(
-    data_dir: Path, state_dir: Path, task: TaskSpec, eval_fraction: float, salt: str, split: str
+    data_dir: Path,
+    state_dir: Path,
+    task: TaskSpec,
+    eval_fraction: float,
+    salt: str,
+    split: str,
+    cutoff: datetime | None = None,
 ) -> MerchantData:
     events, report = load_events(data_dir, state_dir)
+    labels = None
+    if task.name == "customer-label":
+        labels, label_report = load_labels(find_labels(data_dir), events, task.labels, state_dir)
+        log.info("%s: %d of %d label rows used", salt, label_report.good, label_report.total)
     data = MerchantData.build(
-        events, task, eval_fraction=eval_fraction, salt=salt, report=report, split=split
+        events,
+        task,
+        eval_fraction=eval_fraction,
+        salt=salt,
+        report=report,
+        split=split,
+        cutoff=cutoff,
+        labels=labels,
     )
     log.info(
         "%s: %d events (%d quarantined), %d train / %d held-out customers",
@@ -98,35 +125,80 @@ def _prepare(
         settings.eval_fraction,
         settings.merchant_id,
         cfg.eval_split,
+        cfg.eval_cutoff_time,
     )
     return model, encoder, data, device
 
 
 def open_ledger(settings: MerchantSettings) -> Ledger:
+    """The merchant's ledger, with its own accountant and the privacy unit of its data: a session
+    for stores ingested from sources without customer ids (YooChoose), else a customer."""
+    from client.ingest.store import REPORT_FILE
+    from shared.privacy.units import unit_of_ingest_report
+
     return Ledger.open(
         settings.ledger_path,
         merchant_id=settings.merchant_id,
         delta=settings.delta,
         max_epsilon=settings.max_epsilon,
+        accountant=settings.accountant,
+        privacy_unit=unit_of_ingest_report(settings.data_dir / REPORT_FILE),
     )
 
 
 def noise_for_run(
-    ledger: Ledger, *, run_id: str, plan: StepPlan, cfg: RunConfig, floor: float, ceiling: float
+    ledger: Ledger,
+    *,
+    run_id: str,
+    plan: StepPlan,
+    cfg: RunConfig,
+    floor: float,
+    ceiling: float,
+    target: float | None = None,
 ) -> float:
     """σ for this run: calibrated once for the whole planned horizon against what earlier runs spent
-    (the same answer every round and after restarts), never below the merchant's floor."""
+    (the same answer every round and after restarts), never below the merchant's floor. `target` is
+    the ε the run may end at (default max-epsilon; lower under max-epsilon-per-run)."""
     earlier = [c for c in ledger.history if c.run_id != run_id]
     sigma = calibrate_noise(
         spent=earlier,
         sample_rate=plan.sample_rate,
         steps_per_round=plan.steps,
         rounds=cfg.num_rounds,
-        max_epsilon=ledger.max_epsilon,
+        max_epsilon=ledger.max_epsilon if target is None else target,
         delta=ledger.delta,
         upper=ceiling,
+        accountant=ledger.accountant,
     )
     return max(sigma, cfg.noise_multiplier, floor)
+
+
+def _refuse_before_charge(
+    settings: MerchantSettings,
+    model: torch.nn.Module,
+    adapter: AdapterState,
+    customers: int,
+    ledger: Ledger,
+) -> RoundOutcome | None:
+    """A refusal for a malformed incoming adapter or a δ too large for the customers, else None."""
+    problem = incoming_problem(model, adapter)
+    if problem is not None:
+        log.warning("%s rejects the global adapter: %s", settings.merchant_id, problem)
+        return RoundOutcome(
+            FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=problem, code=BAD_REQUEST
+        )
+    problem = delta_problem(ledger.delta, customers)
+    if problem is not None:
+        log.warning("%s refuses to train: %s", settings.merchant_id, problem)
+        return RoundOutcome(
+            REFUSED_BUDGET,
+            settings.merchant_id,
+            ledger.epsilon,
+            ledger.delta,
+            reason=problem,
+            code=CALIBRATION,
+        )
+    return None
 
 
 def train_round(
@@ -138,12 +210,19 @@ def train_round(
     run_id: str,
     seed: int | None = None,
 ) -> RoundOutcome:
-    """Train the global adapter on this merchant's customers with DP-SGD, charging the ledger first."""
+    """Train the global adapter on this merchant's customers with customer-level DP-SGD, charging
+    the ledger first. Nothing is charged for a malformed adapter or an unsafe δ."""
     model, encoder, data, device = _prepare(settings, cfg)
     ledger = open_ledger(settings)
-    chosen = data.train_round(round_seed=f"{run_id}:{server_round}")
-    plan = StepPlan.of(len(chosen), cfg.batch_size, cfg.local_epochs)
+    refusal = _refuse_before_charge(settings, model, adapter, len(data.train_customers), ledger)
+    if refusal is not None:
+        return refusal
+    chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
+    groups = customer_groups([c.customer_id for c in chosen])
+    # q over customers, not examples: a customer's up-to-k examples make one clipped gradient
+    plan = StepPlan.of(len({c.customer_id for c in chosen}), cfg.batch_size, cfg.local_epochs)
     try:
+        target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
         sigma = noise_for_run(
             ledger,
             run_id=run_id,
@@ -151,21 +230,23 @@ def train_round(
             cfg=cfg,
             floor=settings.min_noise_multiplier,
             ceiling=settings.max_noise_multiplier,
+            target=target,
         )
-        ledger.charge(
-            Charge(
-                round=server_round,
-                run_id=run_id,
-                noise_multiplier=sigma,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps,
-                max_grad_norm=cfg.max_grad_norm,
-            )
+        charge = Charge(
+            round=server_round,
+            run_id=run_id,
+            noise_multiplier=sigma,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            max_grad_norm=cfg.max_grad_norm,
         )
+        check_run_cap(ledger, charge, target)
+        ledger.charge(charge)
     except (BudgetExceededError, CalibrationError) as err:
         log.warning("%s refuses round %d: %s", settings.merchant_id, server_round, err)
+        code = BUDGET if isinstance(err, BudgetExceededError) else CALIBRATION
         return RoundOutcome(
-            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err)
+            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err), code=code
         )
     # From here on the spend is on disk: whatever happens next, it stays charged.
     load_adapter(model, adapter)
@@ -181,16 +262,17 @@ def train_round(
         ),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         device=device,
+        groups=groups,
         seed=seed,
     )
+    if (result.sample_rate, result.steps) != (plan.sample_rate, plan.steps):  # a bug, never data
+        raise RuntimeError(f"DP-SGD ran {result} but the ledger was charged for {plan}")
     update = outgoing_guard(extract_adapter(model), spec)
     if not all(bool(torch.isfinite(t).all()) for t in update.values()):
+        detail = "training produced non-finite weights; lower learning-rate"
+        log.warning("%s fails round %d: %s", settings.merchant_id, server_round, detail)
         return RoundOutcome(
-            FAILED,
-            settings.merchant_id,
-            ledger.epsilon,
-            ledger.delta,
-            reason="training produced non-finite weights; lower learning-rate",
+            FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=detail, code=NON_FINITE
         )
     return RoundOutcome(
         TRAINED,

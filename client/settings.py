@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
@@ -43,7 +43,17 @@ class MerchantSettings(FileSettings):
     data_dir: Path = Path(".")
     state_dir: Path = Path("state")
     max_epsilon: float = Field(8.0, gt=0.0)
+    max_epsilon_per_run: float | None = Field(
+        None,
+        gt=0.0,
+        description="most one run may add to ε, whatever its num-rounds (None: up to max-epsilon)",
+    )
     delta: float = Field(1e-6, gt=0.0, lt=1e-2, description="well below 1/customers")
+    accountant: Literal["pld", "rdp"] = Field(
+        "pld",
+        description="privacy accountant of the ledger: pld (tighter, dp-accounting) or rdp; a ledger "
+        "keeps the accountant it started with",
+    )
     min_noise_multiplier: float = Field(0.3, ge=0.0, description="floor, whatever the server suggests")
     max_noise_multiplier: float = Field(
         10.0, gt=0.0, description="refuse rather than send an update drowned in noise (budget nearly spent)"

@@ -1,8 +1,9 @@
 """DP-SGD training and evaluation loops, with no Flower in sight.
 
-Mechanism (Opacus: per-sample clipping + Gaussian noise, Poisson sampling) lives here; accounting lives
-in `shared.privacy`. The two meet only through the `Charge` the caller writes to the ledger *before*
-the trained adapter leaves the merchant.
+The loop lives here, the mechanism (customer-level clipping + Gaussian noise over Poisson-sampled
+customers) in `client.customer_dp`, accounting in `shared.privacy`. Mechanism and accounting meet only
+through the `Charge` the caller writes to the ledger *before* the trained adapter leaves the merchant;
+`StepPlan` is what both use, so the ledger records the q and step count that actually ran.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import logging
 import math
 import secrets
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
+from opacus import GradSampleModule
+from torch.utils.data import TensorDataset
 
+from client.customer_dp import CustomerIndex, clip_and_sum, noisy_mean, per_customer_gradients, poisson_sample
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
+from shared.model import trainable_parameters
 
 # transformers 5 deprecates a property that PEFT still reads when wrapping a model; nothing to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -44,9 +48,10 @@ class Encoded:
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 64  # expected number of *customers* per step
     learning_rate: float = 1e-2
     lora_learning_rate: float | None = None  # None: same as learning_rate
+    max_physical_batch: int = 128  # examples per forward pass: memory only, the result is the same
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,17 @@ class DPSettings:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What Opacus will actually do: sample rate 1/len(loader), len(loader) steps per epoch."""
+    """What `train_dp` will do, and what the ledger is charged: customers Poisson-sampled at rate
+    1/ceil(N/B), ceil(N/B) steps per epoch (Opacus's convention), N = customers, B = batch size."""
 
     sample_rate: float
     steps: int
 
     @classmethod
-    def of(cls, n_examples: int, batch_size: int, epochs: int) -> StepPlan:
-        if n_examples < 1:
-            raise ValueError("no training examples")
-        batches = math.ceil(n_examples / batch_size)
+    def of(cls, n_customers: int, batch_size: int, epochs: int) -> StepPlan:
+        if n_customers < 1:
+            raise ValueError("no training customers")
+        batches = math.ceil(n_customers / batch_size)
         return cls(sample_rate=1.0 / batches, steps=batches * epochs)
 
 
@@ -75,6 +81,8 @@ class TrainResult:
     loss: float
     steps: int
     examples: int
+    customers: int
+    sample_rate: float
 
 
 @dataclass(frozen=True)
@@ -94,29 +102,25 @@ def train_dp(
     settings: TrainSettings,
     dp: DPSettings,
     device: torch.device,
+    groups: torch.Tensor | None = None,
     seed: int | None = None,
 ) -> TrainResult:
-    """Fine-tune the trainable parameters of `model` in place with DP-SGD.
+    """Fine-tune the trainable parameters of `model` in place with customer-level DP-SGD.
 
-    `seed` is for tests only: in production the sampling and the noise come from a fresh
-    `secrets` seed every call, so no two merchants or rounds ever share noise. Opacus's hooks are
-    removed before returning, so the same model object can be trained again next round.
+    `groups[i]` is the customer (0 … N-1) of example i; None means one customer per example, i.e.
+    per-example DP-SGD. `seed` is for tests only: in production the sampling and the noise come from a
+    fresh `secrets` seed every call, so no two merchants or rounds ever share noise. Opacus's hooks
+    are removed before returning, so the same model object can be trained again next round.
     """
-    model.train()  # evaluation switched it off; Opacus needs activations recorded
-    loader = DataLoader(data.dataset(), batch_size=settings.batch_size, shuffle=False)
+    customers = CustomerIndex.of(groups, len(data))
+    plan = StepPlan.of(len(customers), settings.batch_size, settings.epochs)
+    model.train()  # evaluation switched it off; the grad samplers need activations recorded
     optimizer = make_optimizer(model, settings)
-    with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off: our noise is seeded per call from `secrets` instead
-        warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        private_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-        )
+    params = trainable_parameters(model)
+    sampler_model = GradSampleModule(model, loss_reduction="sum", batch_first=True)
+    step = DPStep(
+        sampler_model, params, optimizer, data, customers, plan, dp, device, settings.max_physical_batch
+    )
     rng_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices), warnings.catch_warnings():
@@ -124,11 +128,23 @@ def train_dp(
             torch.manual_seed(secrets.randbits(63) if seed is None else seed)
             # PyTorch warns that no input requires grad: expected, the embeddings are frozen
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses, steps = _run_epochs(private_model, dp_optimizer, dp_loader, settings.epochs, device)
+            losses = [loss for _ in range(plan.steps) if (loss := step.run()) is not None]
     finally:
-        dp_optimizer.zero_grad(set_to_none=True)
-        private_model.to_standard_module()  # removes hooks and grad_sample attributes (after zero_grad)
-    return TrainResult(loss=float(np.mean(losses)) if losses else math.nan, steps=steps, examples=len(data))
+        optimizer.zero_grad(set_to_none=True)
+        sampler_model.to_standard_module()  # removes hooks and grad_sample attributes
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else math.nan,
+        steps=plan.steps,
+        examples=len(data),
+        customers=len(customers),
+        sample_rate=plan.sample_rate,
+    )
+
+
+def customer_groups(customer_ids: Sequence[str]) -> torch.Tensor:
+    """`train_dp`'s `groups`: the customer (numbered 0 … N-1 in order of appearance) of every example."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(c, len(index)) for c in customer_ids], dtype=torch.long)
 
 
 def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -146,28 +162,51 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate)
 
 
-def _run_epochs(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    epochs: int,
-    device: torch.device,
-) -> tuple[list[float], int]:
-    criterion = torch.nn.CrossEntropyLoss()
-    losses: list[float] = []
-    steps = 0
-    for _ in range(epochs):
-        for input_ids, attention_mask, labels in loader:
-            steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            if labels.numel() == 0:  # Poisson sampling can draw an empty batch
-                continue
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            loss = criterion(logits, labels.to(device))
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    return losses, steps
+@dataclass
+class DPStep:
+    """One noisy step: sample customers, clip each one's summed gradient, add noise, update."""
+
+    model: torch.nn.Module  # a GradSampleModule with loss_reduction="sum"
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    data: Encoded
+    customers: CustomerIndex
+    plan: StepPlan
+    dp: DPSettings
+    device: torch.device
+    chunk: int
+
+    def gradient(self, sampled: torch.Tensor) -> tuple[list[torch.Tensor], float, int]:
+        """The private gradient for the `sampled` customers, their summed loss and example count."""
+        rows, local = self.customers.gather(sampled)
+        per_customer, loss = per_customer_gradients(
+            self.model,
+            self.params,
+            self.data,
+            rows,
+            local,
+            len(sampled),
+            device=self.device,
+            chunk=self.chunk,
+        )
+        summed = clip_and_sum(per_customer, self.dp.max_grad_norm)
+        grads = noisy_mean(
+            summed,
+            noise_std=self.dp.noise_multiplier * self.dp.max_grad_norm,
+            expected_customers=self.plan.sample_rate * len(self.customers),
+        )
+        return grads, loss, len(rows)
+
+    def run(self) -> float | None:
+        """Take one step; its mean example loss, or None when no customer was sampled. An empty
+        sample still takes the noise-only step: that is the mechanism the accountant analyses."""
+        sampled = poisson_sample(len(self.customers), self.plan.sample_rate)
+        grads, loss, n_rows = self.gradient(sampled)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss / n_rows if n_rows else None
 
 
 @torch.no_grad()

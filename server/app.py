@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from server.audit import WireAudit
-from server.coordinator import FAILED, Coordinator, Reply
+from server.coordinator import FAILED, REFUSED, TRAINED, Coordinator, Reply
 from shared import protocol
 from shared.adapters import AdapterState
 from shared.config import RunConfig
@@ -79,23 +80,67 @@ class GridFederation:
         return self._round_trip(MessageType.EVALUATE, nodes, adapter, cfg, server_round)
 
 
+# What a merchant may say it did; "rejected-update" is the coordinator's verdict, never a merchant's.
+MERCHANT_STATUSES = frozenset({TRAINED, REFUSED, FAILED, protocol.EVALUATED})
+MAX_TEXT_CHARS = 100  # merchant-id and reason: a fixed reason is a word, an id a name
+
+
+class MalformedReplyError(ValueError):
+    """A merchant's reply that does not follow the protocol; it marks that merchant failed."""
+
+
 def decode_reply(node_id: int, msg: Message | None) -> Reply:
-    """A `Reply` from a Flower message; a missing or errored message is a `failed` reply."""
+    """A `Reply` from a Flower message. A missing, errored or malformed message (no status, an
+    unknown status, a list-valued or non-finite metric, a non-integer example count, unreadable
+    arrays) is a `failed` reply: one merchant's bad answer never stops the run."""
     if msg is None:
         return Reply(node_id, FAILED, reason="no reply before the round timeout")
     if msg.has_error():
-        return Reply(node_id, FAILED, reason=f"client error: {msg.error.reason}")
-    status = msg.content[protocol.STATUS]
-    arrays = msg.content.array_records.get(protocol.ARRAYS)
+        return Reply(node_id, FAILED, reason=f"client error: {str(msg.error.reason)[:200]}")
+    try:
+        return _decode_content(node_id, msg.content)
+    except Exception as err:  # a hostile or broken merchant may send anything: no error may escape
+        log.warning("node %d sent a malformed reply, marked failed: %s", node_id, err)
+        return Reply(node_id, FAILED, reason=f"malformed reply: {err}"[:200])
+
+
+def _decode_content(node_id: int, content: RecordDict) -> Reply:
+    status = content.config_records.get(protocol.STATUS)
+    if status is None:
+        raise MalformedReplyError(f"no {protocol.STATUS!r} config record")
+    code, merchant_id, reason = (status.get(k, "") for k in ("status", "merchant-id", "reason"))
+    if not isinstance(code, str) or code not in MERCHANT_STATUSES:
+        raise MalformedReplyError(f"status {str(code)[:40]!r} is not one of {sorted(MERCHANT_STATUSES)}")
+    if not isinstance(merchant_id, str) or not isinstance(reason, str):
+        raise MalformedReplyError("merchant-id and reason must be strings")
+    arrays = content.array_records.get(protocol.ARRAYS)
     return Reply(
         node_id=node_id,
-        status=str(status["status"]),
-        merchant_id=str(status.get("merchant-id", "")),
+        status=str(code),
+        merchant_id=merchant_id[:MAX_TEXT_CHARS],
         adapter=arrays.to_torch_state_dict() if arrays is not None else None,
-        metrics={k: float(v) for k, v in msg.content[protocol.METRICS].items()},  # type: ignore[arg-type]
+        metrics=_metrics(content),
         bytes_up=sum(len(a.data) for a in arrays.values()) if arrays is not None else 0,
-        reason=str(status.get("reason", "")),
+        reason=reason[:MAX_TEXT_CHARS],
     )
+
+
+def _metrics(content: RecordDict) -> dict[str, float]:
+    """Scalar, finite metrics; `examples` a non-negative whole number (it weights the average)."""
+    record = content.metric_records.get(protocol.METRICS)
+    if record is None:
+        raise MalformedReplyError(f"no {protocol.METRICS!r} metric record")
+    metrics: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedReplyError(f"metric {key!r} is a {type(value).__name__}, not a number")
+        if not math.isfinite(value):
+            raise MalformedReplyError(f"metric {key!r} is {value}")
+        metrics[key] = float(value)
+    examples = metrics.get("examples", 0.0)
+    if examples < 0 or not examples.is_integer():
+        raise MalformedReplyError(f"metric 'examples' must be a whole number >= 0, got {examples}")
+    return metrics
 
 
 def home() -> Path:

@@ -31,6 +31,24 @@ def cmd_dev_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    home = _home(args)
+    content = build_fab_from_disk(home.app)  # the same bytes `flwr run` builds from this folder
+    digest = hashlib.sha256(content).hexdigest()
+    out = Path(args.out) if args.out else Path.cwd() / f"fedbehavior.{digest[:8]}.fab"
+    out.write_bytes(content)
+    print(f"app {home.app} → {out} ({len(content)} bytes)")
+    print(f"  sha256 {digest}")
+    print("  give this file to every merchant; each reviews it and runs:")
+    print(f"  fedbehavior merchant trust {out.name} --merchant-dir <merchant folder>")
+    print("  runs are refused by any merchant that has not approved exactly these bytes")
+    return 0
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     home = _home(args, insecure=True if args.insecure else None, port=args.port, host=args.host)
     if home.settings.insecure and not args.insecure:
@@ -66,10 +84,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from server.deploy import run_summary
-    from shared.cli import _parse_sets
+    from shared.config import parse_sets
 
     home = _home(args)
-    launch = home.launch(_parse_sets(args.set), name=args.name, resume=args.resume)
+    launch = home.launch(parse_sets(args.set), name=args.name, resume=args.resume)
     verb = "resumed" if args.resume else "submitted"
     print(f"run {launch.name} {verb} (flower run {launch.run_id}); folder: {launch.run_dir}")
     if not args.wait:
@@ -134,6 +152,10 @@ def add_coordinator_cli(sub: Any) -> None:
     certs.add_argument("--host", action="append", default=[], help="name or IP merchants dial (repeatable)")
     certs.add_argument("--out", default="", help="folder (default <home>/certs)")
     certs.set_defaults(func=cmd_dev_certs)
+
+    build = csub.add_parser("build", help="pack the app runs submit into a .fab for merchants to approve")
+    build.add_argument("--out", default="", help="file to write (default ./fedbehavior.<hash>.fab)")
+    build.set_defaults(func=cmd_build)
 
     start = csub.add_parser("start", help="start the SuperLink (TLS + merchant authentication)")
     start.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated: development only")

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 from server.checkpoint import load_latest, save_checkpoint
 from server.export import export_final
 from server.metrics import GLOBAL_KEYS, MetricsLog
-from server.strategy import Update, fedavg, validate_update, weighted_metrics
+from server.round_state import RoundState
+from server.strategy import (
+    RobustPolicy,
+    Update,
+    aggregate_delta,
+    claimed_examples,
+    screen_updates,
+    weighted_metrics,
+)
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter
 from shared.config import RunConfig
 from shared.model import build_model
@@ -104,6 +112,8 @@ class Coordinator:
         )
         self.rng = random.Random(cfg.seed)
         self.last_status: dict[str, dict[str, Any]] = {}
+        self.policy = RobustPolicy.of(cfg)
+        self.round_state = RoundState(cfg, self.paths.checkpoints)  # server optimizer + norm history
 
     def run(self, *, resume: bool = False) -> Path:
         """Run every planned round (or the rest of them with `resume`) and export `final/`."""
@@ -137,36 +147,41 @@ class Coordinator:
     ) -> tuple[AdapterState, dict[str, dict[str, Any]]]:
         cfg = self.cfg
         nodes = self._sample(cfg.fraction_train, cfg.min_train_nodes)
+        self.round_state.before(server_round)  # on resume: the optimizer state saved with the checkpoint
         replies = self.federation.train(nodes, adapter, cfg, server_round)
-        accepted: list[Update] = []
+        updates: list[Update] = []
         merchants: dict[str, dict[str, Any]] = {}
         for reply in replies:
             status = reply.status
             if status == TRAINED:
-                update = Update(reply.name, reply.adapter or {}, int(reply.metrics.get("examples", 0)))
-                reason = validate_update(update, adapter)
-                if reason is None:
-                    accepted.append(update)
-                else:
-                    status = REJECTED
-                    log.warning("round %d: update of %s rejected: %s", server_round, reply.name, reason)
+                updates.append(
+                    Update(reply.name, reply.adapter or {}, claimed_examples(reply.metrics.get("examples")))
+                )
             elif reply.reason:
                 log.warning("round %d: %s %s: %s", server_round, reply.name, status, reply.reason)
             merchants[reply.name] = {
                 "status": status,
                 "epsilon": reply.metrics.get("epsilon"),
                 "delta": reply.metrics.get("delta"),
-                "examples": int(reply.metrics.get("examples", 0)),
+                "examples": claimed_examples(reply.metrics.get("examples")),
                 "train_loss": reply.metrics.get("train_loss"),
                 "bytes_up": reply.bytes_up,
             }
+        screening = screen_updates(updates, adapter, self.policy, norm_history=self.round_state.norm_history)
+        for name, reason in screening.rejected.items():
+            merchants[name]["status"] = REJECTED
+            log.warning("round %d: update of %s rejected: %s", server_round, name, reason)
         self.last_status.update({k: dict(v) for k, v in merchants.items()})
-        if not accepted:
+        if not screening.accepted:
             summary = ", ".join(f"{k}: {v['status']}" for k, v in merchants.items()) or "no replies"
             raise NoMerchantTrainedError(
                 f"round {server_round}: no merchant produced a usable update ({summary})"
             )
-        return fedavg(accepted), merchants
+        new_adapter = self.round_state.optimizer.step(
+            adapter, aggregate_delta(screening, adapter, self.policy)
+        )
+        self.round_state.after(server_round, screening.round_median)
+        return new_adapter, merchants
 
     def _evaluate(
         self, adapter: AdapterState, server_round: int, merchants: dict[str, dict[str, Any]], t0: float

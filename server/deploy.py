@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.config import RunConfig
@@ -60,7 +60,19 @@ class CoordinatorSettings(FileSettings):
     insecure: bool = Field(False, description="plaintext, unauthenticated: development only")
     database: Path = Path("state.db")
     runs_dir: Path = Path("runs")
+    app: Path | None = Field(
+        None, description="the Flower app folder runs submit (default: this project's source folder)"
+    )
     start_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _auth_off_only_when_insecure(self) -> CoordinatorSettings:
+        if not self.supernode_auth and not self.insecure:
+            raise ValueError(
+                "supernode-auth = false lets any process that reaches the port join as a merchant: it is "
+                "allowed only with insecure = true (development, `coordinator start --insecure`); remove it"
+            )
+        return self
 
     @property
     def dial_address(self) -> str:
@@ -103,6 +115,11 @@ class CoordinatorHome:
     @property
     def runs(self) -> Path:
         return self.settings.runs_dir
+
+    @property
+    def app(self) -> Path:
+        """The app folder `flwr run` packs into the FAB every merchant must have approved."""
+        return self.settings.app or app_dir()
 
     def env(self) -> dict[str, str]:
         return {**flower_env(self.flwr_home), "FEDBEHAVIOR_HOME": str(self.folder)}
@@ -231,7 +248,7 @@ class CoordinatorHome:
         run_dir.mkdir(parents=True, exist_ok=True)
         overrides_file = run_dir / ("overrides-resume.toml" if resume else "overrides.toml")
         overrides_file.write_text(tomli_w.dumps(values), encoding="utf-8")
-        answer = self.flwr("run", str(app_dir()), "--run-config", str(overrides_file))
+        answer = self.flwr("run", str(self.app), "--run-config", str(overrides_file))
         run_id = int(answer["run-id"])
         launches = _read_json(run_dir / "launches.json", [])
         launches.append({"flower-run-id": run_id, "resume": bool(resume), "submitted": _now()})

@@ -43,6 +43,18 @@ def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
+def _merchant_table(epsilons: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per merchant; privacy unit and accountant columns only if merchants reported them."""
+    extra = [k for k in ("privacy_unit", "accountant") if any(info.get(k) for info in epsilons.values())]
+    header = ["merchant", "epsilon", "delta", *(k.replace("_", " ") for k in extra), "status in last round"]
+    rows = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for merchant, info in sorted(epsilons.items()):
+        cells = [merchant, _num(info.get("epsilon")), str(info.get("delta"))]
+        cells += [str(info.get(k) or "-") for k in extra] + [str(info.get("status", "-"))]
+        rows.append(f"| {' | '.join(cells)} |")
+    return rows
+
+
 def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dict[str, Any]]) -> str:
     task = cfg.task_spec
     g = last_row.get("global", {})
@@ -58,24 +70,21 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
         "",
         "## Differential privacy",
         "",
-        "- privacy unit: one customer (at most one example per customer in each round's training set)",
+        "- privacy unit: one customer (its data moves each noisy step by at most the clip norm), "
+        "except at a merchant whose data has no customer ids (a YooChoose store): there it is one session; "
+        "each merchant's ledger records its unit (`privacy_unit`)",
         "- mechanism: DP-SGD, Poisson sampling, per-example clipping at "
         f"max-grad-norm {cfg.max_grad_norm}, Gaussian noise calibrated by each merchant from its own budget",
-        "- accountant: RDP (Rényi DP) of the subsampled Gaussian, composed over every round and run",
+        "- accountant: each merchant's own (`accountant` in its ledger): PLD (privacy-loss distribution, "
+        "the default) or RDP (Rényi DP), of the Poisson-subsampled Gaussian, composed over every round "
+        "and run",
         f"- rounds: {last_row.get('round', 0)} of {cfg.num_rounds} planned; local epochs {cfg.local_epochs}, "
         f"batch size {cfg.batch_size}",
         "",
-        "| merchant | epsilon | delta | status in last round |",
-        "|---|---|---|---|",
-    ]
-    for merchant, info in sorted(epsilons.items()):
-        lines.append(
-            f"| {merchant} | {_num(info.get('epsilon'))} | {info.get('delta')} | {info.get('status', '-')} |"
-        )
-    lines += [
+        *_merchant_table(epsilons),
         "",
         "Each merchant's guarantee is (epsilon, delta)-DP with respect to adding or removing one of its "
-        "customers, for everything its adapter updates reveal. Scalar metrics (example counts, training "
+        "privacy units, for everything its adapter updates reveal. Scalar metrics (example counts, training "
         "loss, held-out evaluation metrics) are reported without noise.",
         "",
         "## Federated evaluation (last round, held-out customers, weighted by examples)",

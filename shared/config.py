@@ -7,10 +7,12 @@ merchant trains exactly what the coordinator planned, while its privacy budget s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.model import LoraSpec
 from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
@@ -18,6 +20,36 @@ from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs of `--set` options; values parsed as JSON when they can be (numbers,
+    booleans), else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r} (e.g. --set num-rounds=5)")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def parse_cutoff(value: str) -> datetime:
+    """An ISO date or date-time ("2026-02-01", "2026-02-01T12:00+01:00", "…Z"); naive means UTC,
+    as for event timestamps."""
+    text = value.strip()
+    try:
+        # Python 3.10's fromisoformat does not read a trailing "Z"
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        raise ValueError(
+            f"eval-cutoff must be an ISO date or date-time such as 2026-02-01 or 2026-02-01T00:00Z, "
+            f"got {value!r}"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 class RunConfig(BaseModel):
@@ -29,7 +61,15 @@ class RunConfig(BaseModel):
     eval_split: str = Field(
         "customer", pattern="^(customer|time)$", description="held-out customers or later sessions"
     )
+    eval_cutoff: str = Field(
+        "",
+        description="eval-split=time: public ISO date/time; training sessions end before it, "
+        "held-out customers' sessions start at or after it (never a quantile of private data)",
+    )
     category_labels: str = Field(",".join(DEFAULT_CATEGORIES), description="category-intent's label list")
+    customer_labels: str = Field("", description="customer-label's label names, comma-separated")
+    leak_roles: str = Field("cart,buy", description="roles that end a purchase-intent prefix")
+    repeat_days: float = Field(30.0, gt=0.0, description="repeat-purchase: window after the first buy")
     backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
     num_rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
@@ -50,6 +90,22 @@ class RunConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_target_modules: str = "query,value"
     seed: int = 0
+    # --- the coordinator's bounds on what merchants send (server/strategy.py, server/robust.py) ---
+    aggregation: str = Field(
+        "fedavg", pattern="^(fedavg|trimmed-mean|median)$", description="how accepted updates combine"
+    )
+    trim_fraction: float = Field(0.25, ge=0.0, lt=0.5, description="trimmed-mean: dropped at each end")
+    update_norm_factor: float = Field(3.0, gt=1.0, description="reject update norms above this x median")
+    max_update_norm: float = Field(100.0, gt=0.0, description="absolute ceiling on an update's norm")
+    max_weight_factor: float = Field(3.0, ge=1.0, description="example claims clipped to this x median")
+    server_optimizer: str = Field(
+        "fedavg", pattern="^(fedavg|fedavgm|fedadam)$", description="applies the aggregated delta"
+    )
+    server_learning_rate: float = Field(0.0, ge=0.0, description="0 = the server optimizer's default")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm's β, fedadam's β1")
+    examples_per_customer: int = Field(
+        4, ge=1, le=64, description="sessions of a sampled customer summed into its one clipped gradient"
+    )
     round_timeout: float = Field(
         0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
     )
@@ -66,6 +122,32 @@ class RunConfig(BaseModel):
         if value not in TASK_NAMES:
             raise ValueError(f"unknown task {value!r}; choose one of {', '.join(TASK_NAMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _task_buildable(self) -> RunConfig:
+        # building the task raises naming the key to fix (customer-labels, leak-roles, repeat-days)
+        if self.task_spec.num_labels < 2:
+            raise ValueError(f"task {self.task} needs at least two labels")
+        return self
+
+    @field_validator("eval_cutoff", mode="before")
+    @classmethod
+    def _iso_cutoff(cls, value: object) -> object:
+        if isinstance(value, date):  # an unquoted TOML date or date-time (a datetime is a date)
+            value = value.isoformat()
+        if isinstance(value, str) and value:
+            parse_cutoff(value)  # raises with the fix when it is not a date
+        return value
+
+    @model_validator(mode="after")
+    def _time_split_has_cutoff(self) -> RunConfig:
+        if self.eval_split == "time" and not self.eval_cutoff:
+            raise ValueError(
+                "eval-cutoff is required when eval-split=time: set a public ISO date/time, e.g. "
+                'eval-cutoff="2026-02-01" (training sessions end before it, evaluation sessions start at '
+                "or after it), or use eval-split=customer"
+            )
+        return self
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -89,9 +171,22 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
     @property
+    def eval_cutoff_time(self) -> datetime | None:
+        """`eval-cutoff` as an aware datetime (UTC when it names no zone); None when unset."""
+        return parse_cutoff(self.eval_cutoff) if self.eval_cutoff else None
+
+    @property
     def task_spec(self) -> TaskSpec:
-        categories = tuple(c.strip() for c in self.category_labels.split(",") if c.strip())
-        return get_task(self.task, categories)
+        def items(text: str) -> tuple[str, ...]:
+            return tuple(c.strip() for c in text.split(",") if c.strip())
+
+        return get_task(
+            self.task,
+            items(self.category_labels),
+            customer_labels=items(self.customer_labels),
+            leak_roles=items(self.leak_roles),
+            repeat_days=self.repeat_days,
+        )
 
     @property
     def lora(self) -> LoraSpec:

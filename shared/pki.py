@@ -3,6 +3,9 @@
 Merchant keys are what Flower's SuperNode authentication uses: an EC P-384 key pair in OpenSSH format.
 The private key stays with the merchant; the public key is registered at the coordinator.
 
+A merchant's app-approval key (Ed25519, OpenSSH format) signs the apps the merchant approved; its
+public half is the only "trusted entity" the merchant's SuperNode accepts (see `client/trust.py`).
+
 `make_dev_ca` / `make_server_cert` create a throw-away CA and a TLS certificate for the SuperLink so
 that a deployment can be tried on one machine or a lab network. A production coordinator uses a
 certificate from its organisation's CA instead (any PEM certificate + key works).
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SECRET_MODE = 0o600
@@ -76,6 +79,35 @@ def make_merchant_keys(folder: Path, name: str = "supernode") -> KeyPair:
         + b"\n"
     )
     return KeyPair(private, public)
+
+
+def make_approval_key(folder: Path, name: str = "approval-key") -> KeyPair:
+    """An Ed25519 key pair in OpenSSH format: `<name>` (private, 0600) and `<name>.pub`."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = folder / name
+    public = folder / f"{name}.pub"
+    write_secret(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + b"\n"
+    )
+    return KeyPair(private, public)
+
+
+def load_approval_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The Ed25519 private key at `path`, after checking that only its owner can read it."""
+    check_secret_permissions(path)
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 key; remove it and let `merchant trust` make a new one")
+    return key
 
 
 def _name(common_name: str) -> x509.Name:

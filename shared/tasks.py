@@ -3,19 +3,24 @@
 Every task is built so that the input never contains what it predicts:
 
 * ``purchase-intent`` (binary): the prefix is the first k events, k drawn from a hash of the session
-  id, stopped early at the first cart or buy event. The label is whether the session contains a
-  buy. The prefix holds no cart/buy event.
+  id, stopped early at the first event whose role reveals the label (`leak-roles`, default cart and
+  buy; a shop maps its shipping/payment steps to cart). The label is whether the session contains a
+  buy. The prefix holds no such event.
 * ``next-behavior`` (multi-class): the prefix is the first k events (k hashed as above); the label is
   the behaviour of event k. Sessions with no event k yield no example.
 * ``category-intent`` (multi-class, top-k): the prefix is the first k events; the label is the
   category of the next item the customer acts on (the recommendation use case), from a label list
   fixed in the run config, "other" for the rest.
+* ``customer-label`` and ``repeat-purchase``: one example per customer (or labelled session) from
+  the customer's recent events; see `shared.customer_tasks`.
 
 The cut k never depends on the session's length or anything after the cut: a cut drawn from the
 length would leak the future (shopping sessions are longer because they go on to cart and buy).
 
 The privacy unit is the customer: `one_per_customer` keeps at most one example per customer, drawn
 afresh each round, and customers are split once into training and held-out evaluation customers.
+`up_to_k_per_customer` keeps up to k per customer for customer-level DP-SGD, which clips the sum of
+each customer's gradients as one (client/customer_dp.py), so the unit stays one customer.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class TaskSpec:
 
     name: str
     labels: tuple[str, ...]
+    leak_roles: tuple[str, ...] = tuple(b.value for b in FUNNEL_BEHAVIORS)  # purchase-intent's stop roles
+    repeat_days: float = 30.0  # repeat-purchase's window after the first purchase
 
     @property
     def num_labels(self) -> int:
@@ -49,7 +56,9 @@ TASKS: dict[str, TaskSpec] = {
     "purchase-intent": TaskSpec("purchase-intent", ("no-buy", "buy")),
     "next-behavior": TaskSpec("next-behavior", tuple(b.value for b in Behavior)),
 }
-TASK_NAMES = (*TASKS, "category-intent")
+TASK_NAMES = (*TASKS, "category-intent", "customer-label", "repeat-purchase")
+CUSTOMER_TASKS = ("customer-label", "repeat-purchase")
+"""Tasks whose example is a customer's (or a labelled session's) events, not a session prefix."""
 
 # The label space of category-intent must be the same at every merchant, so it is part of the run
 # config (a public taxonomy), never learnt from any merchant's data. Categories outside it are "other".
@@ -57,8 +66,35 @@ DEFAULT_CATEGORIES = ("phones", "laptops", "shoes", "beauty", "home", "books", "
 OTHER = "other"
 
 
-def get_task(name: str, categories: Sequence[str] = DEFAULT_CATEGORIES) -> TaskSpec:
-    """The task called `name`, or a clear error listing the known tasks."""
+def get_task(
+    name: str,
+    categories: Sequence[str] = DEFAULT_CATEGORIES,
+    *,
+    customer_labels: Sequence[str] = (),
+    leak_roles: Sequence[str] = (),
+    repeat_days: float = 30.0,
+) -> TaskSpec:
+    """The task called `name`, or a clear error listing the known tasks. `customer_labels`: the
+    label names of customer-label (fixed in the run config, like category-intent's); `leak_roles`:
+    the roles that end a purchase-intent prefix (default cart, buy)."""
+    roles = tuple(leak_roles) or tuple(b.value for b in FUNNEL_BEHAVIORS)
+    unknown = [r for r in roles if r not in {b.value for b in Behavior}]
+    if unknown:
+        known = ", ".join(b.value for b in Behavior)
+        raise ValueError(f"leak-roles: {unknown[0]!r} is not a funnel role; use some of {known}")
+    if name == "customer-label":
+        if len(customer_labels) < 2 or len(set(customer_labels)) != len(customer_labels):
+            raise ValueError(
+                "customer-label needs customer-labels: at least two distinct label names in the run "
+                f'config (e.g. customer-labels = "loyal,at-risk,churned"), got {list(customer_labels)}'
+            )
+        return TaskSpec(name, tuple(customer_labels))
+    if name == "repeat-purchase":
+        if not repeat_days > 0:
+            raise ValueError(f"repeat-days must be positive, got {repeat_days}")
+        return TaskSpec(name, ("no-repeat", "repeat"), repeat_days=float(repeat_days))
+    if name == "purchase-intent":
+        return TaskSpec(name, TASKS[name].labels, leak_roles=roles)
     if name == "category-intent":
         if not categories or OTHER in categories or len(set(categories)) != len(categories):
             raise ValueError(f"category-labels must be distinct, non-empty and not {OTHER!r}: {categories}")
@@ -122,7 +158,8 @@ def purchase_intent(
 ) -> tuple[tuple[Event, ...], int] | str:
     """(prefix, label) for one session, or the reason it yields no example."""
     cut = _cut_position(session[0].session_id, *PURCHASE_CUT)
-    first_funnel = next((i for i, e in enumerate(session) if e.behavior in FUNNEL_BEHAVIORS), len(session))
+    stop = set((task or TASKS["purchase-intent"]).leak_roles) | {Behavior.BUY.value}  # buy is the label
+    first_funnel = next((i for i, e in enumerate(session) if e.behavior.value in stop), len(session))
     prefix = tuple(session[: min(cut, first_funnel)])
     if not prefix:
         return "starts-with-cart-or-buy"
@@ -164,8 +201,15 @@ _BUILDERS = {
 }
 
 
-def build_candidates(task: TaskSpec, events: Iterable[Event]) -> tuple[dict[str, list[Candidate]], TaskStats]:
-    """All candidates of a merchant, grouped by customer, with counts of skipped sessions."""
+def build_candidates(
+    task: TaskSpec, events: Iterable[Event], *, labels: object = None
+) -> tuple[dict[str, list[Candidate]], TaskStats]:
+    """All candidates of a merchant, grouped by customer, with counts of skipped sessions.
+    `labels` (a `shared.customer_tasks.LabelSet`) is needed by customer-label only."""
+    if task.name in CUSTOMER_TASKS:
+        from shared.customer_tasks import build_customer_candidates
+
+        return build_customer_candidates(task, events, labels=labels)
     builder = _BUILDERS[task.name]
     by_customer: dict[str, list[Candidate]] = defaultdict(list)
     stats = TaskStats()
@@ -207,25 +251,55 @@ def one_per_customer(
     return chosen
 
 
+def up_to_k_per_customer(
+    candidates: dict[str, list[Candidate]], customers: Iterable[str], *, k: int, round_seed: object
+) -> list[Candidate]:
+    """At most `k` distinct candidates per customer, grouped by customer (customers sorted).
+
+    For customer-level DP-SGD: the privacy unit is still one customer, whose examples are summed into
+    one clipped gradient. The first pick is `one_per_customer`'s (so k=1 is exactly that), the others
+    follow in an order hashed from (round seed, customer, session): stable across processes, fresh
+    every round, and blind to labels.
+    """
+    if k < 1:
+        raise ValueError(f"examples-per-customer must be at least 1, got {k}")
+    chosen: list[Candidate] = []
+    for customer in sorted(set(customers)):
+        options = candidates.get(customer)
+        if not options:
+            continue
+        first = stable_hash("pick", round_seed, customer) % len(options)
+        rest = sorted(
+            (i for i in range(len(options)) if i != first),
+            key=lambda i: stable_hash("pick-more", round_seed, customer, options[i].session_id, i),
+        )
+        chosen.extend(options[i] for i in [first, *rest][:k])
+    return chosen
+
+
 def split_by_time(
-    candidates: dict[str, list[Candidate]], *, eval_fraction: float
-) -> tuple[dict[str, list[Candidate]], dict[str, list[Candidate]], datetime]:
-    """Training candidates from sessions that end before a cut-off time, evaluation candidates from
-    sessions that start at or after it (the cut-off leaves about `eval_fraction` of sessions for
-    evaluation). No event at or after the cut-off reaches training, neither as input nor as label."""
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    starts = sorted(c.prefix[0].timestamp for cs in candidates.values() for c in cs)
-    if not starts:
-        raise ValueError("no candidates to split")
-    cutoff = starts[min(len(starts) - 1, int(len(starts) * (1.0 - eval_fraction)))]
+    candidates: dict[str, list[Candidate]], *, cutoff: datetime, eval_fraction: float, salt: str
+) -> tuple[dict[str, list[Candidate]], dict[str, list[Candidate]]]:
+    """Split by customer and at a public cut-off time (the run config's `eval-cutoff`).
+
+    Held-out customers are drawn by the customer hash as in `split_customers` (about
+    `eval_fraction` of customers) and keep only their sessions that start at or after `cutoff`;
+    training customers keep only sessions that end before it. So no event at or after the cut-off
+    reaches training, neither as input nor as label, and no customer is in both sets. Nothing here
+    is learnt from the merchant's data: a customer's examples depend on that customer's sessions,
+    the salt and the cut-off only, whoever else is in the data.
+    """
+    if cutoff.tzinfo is None:
+        raise ValueError(f"cutoff must carry a time zone (event times are UTC), got {cutoff.isoformat()}")
+    train_ids, eval_ids = split_customers(candidates, eval_fraction=eval_fraction, salt=salt)
     train: dict[str, list[Candidate]] = {}
     held_out: dict[str, list[Candidate]] = {}
-    for customer, cands in candidates.items():
-        before = [c for c in cands if c.ends_at is not None and c.ends_at < cutoff]
-        after = [c for c in cands if c.prefix[0].timestamp >= cutoff]
+    for customer in train_ids:
+        before = [c for c in candidates[customer] if c.ends_at is not None and c.ends_at < cutoff]
         if before:
             train[customer] = before
+    for customer in eval_ids:
+        after = [c for c in candidates[customer] if c.prefix[0].timestamp >= cutoff]
         if after:
             held_out[customer] = after
-    return train, held_out, cutoff
+    return train, held_out

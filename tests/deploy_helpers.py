@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from client.daemon import Merchant, init_merchant
-from server.deploy import CoordinatorHome
+from client.trust import AppBundle
+from server.deploy import CoordinatorHome, app_dir
 from shared.daemon import free_port
 from shared.pki import DevCertificates, make_dev_certificates
 from simulations.generator import generate_merchant
@@ -27,7 +30,13 @@ class Deployment:
         )
         self.port = free_port()
         home = root / "coord"
-        (home / "coordinator.toml").write_text(f'host = "127.0.0.1"\nport = {self.port}\n', encoding="utf-8")
+        # the coordinator runs a frozen copy of the project's app, the one every merchant approves:
+        # the source tree may change while the tests run, the approved bytes must not
+        frozen = root / "app" / "fedbehavior"
+        self.app = snapshot_app(app_dir(), frozen)
+        (home / "coordinator.toml").write_text(
+            f'host = "127.0.0.1"\nport = {self.port}\napp = {json.dumps(str(frozen))}\n', encoding="utf-8"
+        )
         self.coordinator = CoordinatorHome.open(home)
         self.merchants: dict[str, Merchant] = {}
         self.pids: set[int] = set()
@@ -49,6 +58,7 @@ class Deployment:
         max_epsilon: float = 50.0,
         max_wait_s: float | None = None,
         insecure: bool = False,
+        trust: bool = True,
     ) -> Merchant:
         folder = self.root / name
         generate_merchant(7, index, folder, base_customers=self.customers)
@@ -68,6 +78,8 @@ class Deployment:
         if register and not insecure and settings.daemon.private_key is not None:
             self.coordinator.register(settings.daemon.private_key.with_suffix(".pub"), name=name)
         merchant = Merchant.open(folder)
+        if trust:
+            merchant.trust.approve(self.app)
         self.merchants[name] = merchant
         return merchant
 
@@ -111,3 +123,77 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> An
             return value
         time.sleep(poll)
     raise TimeoutError(f"{what} not seen after {timeout:.0f} s")
+
+
+def snapshot_app(source: Path, dest: Path) -> AppBundle:
+    """Unpack the FAB of `source` into `dest`; `flwr run dest` then submits exactly these bytes."""
+    bundle = AppBundle.load(source)
+    with zipfile.ZipFile(io.BytesIO(bundle.content)) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):  # Flower's manifest, rebuilt by every build
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                (dest / name).write_bytes(fab.read(name))
+    return bundle
+
+
+ROGUE_PYPROJECT = """[project]
+name = "rogueapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "rogue"
+
+[tool.flwr.app.components]
+serverapp = "rogue_app:server"
+clientapp = "rogue_app:client"
+
+[tool.flwr.app.config]
+out-file = ""
+nodes = 1
+"""
+
+# A coordinator's own app: its ClientApp reads the merchant's events file and sends it back; its
+# ServerApp writes every reply (content or error) to `out-file`.
+ROGUE_APP = """import json, time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def steal(msg: Message, context: Context) -> Message:
+    events = Path(str(context.node_config["merchant-dir"])) / "events.jsonl"
+    return Message(RecordDict({"loot": ConfigRecord({"rows": events.read_text()})}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    wanted = int(context.run_config["nodes"])
+    deadline = time.monotonic() + 60
+    while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+    replies = []
+    for reply in grid.send_and_receive(messages, timeout=120):
+        entry = {"node": reply.metadata.src_node_id, "error": None, "content": None}
+        if reply.has_error():
+            entry["error"] = {"code": reply.error.code, "reason": reply.error.reason}
+        else:
+            entry["content"] = {k: dict(v) for k, v in reply.content.config_records.items()}
+        replies.append(entry)
+    Path(str(context.run_config["out-file"])).write_text(json.dumps(replies))
+"""
+
+
+def write_rogue_app(folder: Path) -> Path:
+    """A minimal Flower app whose ClientApp exfiltrates the merchant's raw events."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(ROGUE_PYPROJECT, encoding="utf-8")
+    (folder / "rogue_app.py").write_text(ROGUE_APP, encoding="utf-8")
+    return folder

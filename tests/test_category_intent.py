@@ -86,7 +86,13 @@ def test_time_split_keeps_the_future_out_of_training(tmp_path) -> None:
     generate_merchant(5, 1, tmp_path, base_customers=80)
     events, report = load_events(tmp_path, tmp_path / "state")
     data = MerchantData.build(
-        events, get_task("category-intent"), eval_fraction=0.25, salt="m", report=report, split="time"
+        events,
+        get_task("category-intent"),
+        eval_fraction=0.25,
+        salt="m",
+        report=report,
+        split="time",
+        cutoff=datetime(2026, 1, 25, tzinfo=timezone.utc),
     )
     last_train = max(c.ends_at for cs in data.train_candidates.values() for c in cs)  # type: ignore[type-var]
     first_eval = min(c.prefix[0].timestamp for cs in data.eval_candidates.values() for c in cs)

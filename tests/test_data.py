@@ -1,15 +1,20 @@
-"""Tests of client/data.py (load_events, quarantine) and client/settings.py (merchant settings)."""
+"""Tests of client/data.py (load_events, quarantine, MerchantData, Encoder) and client/settings.py
+(merchant settings)."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from client.data import EVENTS_FILE, QUARANTINE_FILE, load_events
+from client.data import EVENTS_FILE, QUARANTINE_FILE, Encoder, LoadReport, MerchantData, load_events
 from client.settings import SETTINGS_FILE, MerchantSettings, from_node_config
-from shared.schema import Behavior
+from shared.model import load_tokenizer
+from shared.schema import Behavior, Event
+from shared.tasks import get_task, split_customers
+from shared.text import serialize, tokenizer_counter
 
 
 def good_row(i: int, **extra: object) -> str:
@@ -31,8 +36,10 @@ BAD_ROWS = {
     ),
     "negative-price": good_row(50, price=-1.0),
     "unknown-behaviour": good_row(51, behavior="teleport"),
-    "search-without-query": json.dumps(
-        {"customer_id": "c1", "session_id": "s1", "timestamp": "2024-06-01T10:00:00", "behavior": "search"}
+    # item ids and query texts are optional (a page type, a search without its text); a review that
+    # says nothing is not an event
+    "empty-review": json.dumps(
+        {"customer_id": "c1", "session_id": "s1", "timestamp": "2024-06-01T10:00:00", "behavior": "review"}
     ),
     "json-array": "[1, 2, 3]",
 }
@@ -57,7 +64,7 @@ def test_load_events_good_and_quarantined(tmp_path: Path) -> None:
         BAD_ROWS["negative-price"],
         BAD_ROWS["unknown-behaviour"],
         good_row(3, behavior="review", rating=5),
-        BAD_ROWS["search-without-query"],
+        BAD_ROWS["empty-review"],
         BAD_ROWS["json-array"],
         good_row(4, behavior="buy", price=19.9),
     ]
@@ -96,7 +103,7 @@ def test_load_events_good_and_quarantined(tmp_path: Path) -> None:
     assert "customer_id" in by_line[4]
     assert "price" in by_line[7]
     assert "teleport" in by_line[8]
-    assert "query" in by_line[10]
+    assert "rating" in by_line[10]
 
 
 def test_load_events_all_good_writes_an_empty_quarantine(tmp_path: Path) -> None:
@@ -237,3 +244,79 @@ def test_relative_merchant_folder_resolves_once(tmp_path: Path, monkeypatch: pyt
     settings = MerchantSettings.from_merchant_dir(Path("shop"))
     assert settings.data_dir == tmp_path / "shop"
     assert settings.state_dir == tmp_path / "shop" / "st"  # relative to the merchant folder
+
+
+# ------------------------------------------------------------------ per-customer texts (issue 9.2)
+
+T0 = datetime(2024, 6, 1, 10, 0, tzinfo=timezone.utc)
+
+
+def shared_session_id_events(customers: int, *, session_id: str = "s1", tag: str = "") -> list[Event]:
+    """Every customer has one session called `session_id`; each event's title names its customer."""
+    return [
+        Event(
+            customer_id=f"c{i:02d}",
+            session_id=session_id,
+            timestamp=T0 + timedelta(minutes=j),
+            behavior=Behavior.VIEW,
+            item_id=f"item{j}",
+            title=f"{tag}owner{i:02d} gift",
+        )
+        for i in range(customers)
+        for j in range(12)  # longer than any purchase-intent cut: every prefix has the same length
+    ]
+
+
+def test_training_texts_are_each_customers_own_when_session_ids_repeat(tiny_bert: str) -> None:
+    events = shared_session_id_events(40)
+    data = MerchantData.build(
+        events, get_task("purchase-intent"), eval_fraction=0.25, salt="m", report=LoadReport()
+    )
+    encoder = Encoder(load_tokenizer(tiny_bert), max_length=64)
+    held_out = set(data.eval_customers)
+    # the issue's reproduction: one held-out customer's text filled every training example
+    encoder.text(data.evaluation()[0])
+    chosen = data.train_round("r1")
+    assert len(chosen) == len(data.train_customers) >= 20
+    count = tokenizer_counter(encoder.tokenizer)
+    for candidate in chosen:
+        text = encoder.text(candidate)
+        owner = candidate.customer_id[1:]
+        assert f"owner{owner}" in text
+        assert not any(f"owner{c[1:]}" in text for c in held_out)
+        assert text == serialize(candidate.prefix, max_tokens=62, count_tokens=count)
+    assert len({encoder.text(c) for c in chosen}) == len(chosen)  # one text per training customer
+
+
+def test_one_encoder_keeps_merchants_with_the_same_ids_apart(tiny_bert: str) -> None:
+    # a simulation process serves several merchants through one cached Encoder
+    encoder = Encoder(load_tokenizer(tiny_bert), max_length=64)
+    task = get_task("purchase-intent")
+    texts = []
+    for tag in ("shopa ", "shopb "):
+        data = MerchantData.build(
+            shared_session_id_events(8, tag=tag), task, eval_fraction=0.25, salt="m", report=LoadReport()
+        )
+        texts.append([encoder.text(c) for c in data.train_round("r1")])
+    assert all("shopa" in t and "shopb" not in t for t in texts[0])
+    assert all("shopb" in t and "shopa" not in t for t in texts[1])
+
+
+def test_time_split_needs_a_cutoff_and_never_shares_a_customer() -> None:
+    # customer i: one session a day from June 1st; held-out customers keep only sessions from June 4th
+    events = [
+        e.model_copy(update={"session_id": f"s{day}", "timestamp": e.timestamp + timedelta(days=day)})
+        for day in range(6)
+        for e in shared_session_id_events(30)
+    ]
+    task = get_task("purchase-intent")
+    with pytest.raises(ValueError, match="eval-cutoff"):
+        MerchantData.build(events, task, eval_fraction=0.25, salt="m", report=LoadReport(), split="time")
+    cutoff = datetime(2024, 6, 4, tzinfo=timezone.utc)
+    data = MerchantData.build(
+        events, task, eval_fraction=0.25, salt="m", report=LoadReport(), split="time", cutoff=cutoff
+    )
+    train_ids, eval_ids = split_customers([f"c{i:02d}" for i in range(30)], eval_fraction=0.25, salt="m")
+    assert data.train_customers == train_ids and data.eval_customers == eval_ids
+    assert {c.session_id for cs in data.train_candidates.values() for c in cs} == {"s0", "s1", "s2"}
+    assert {c.session_id for cs in data.eval_candidates.values() for c in cs} == {"s3", "s4", "s5"}

@@ -1,8 +1,9 @@
 """A real deployment on loopback: SuperLink + three SuperNode processes, TLS and merchant authentication.
 
 The tests of this module share one deployment and run in file order: security refusals first (before
-the merchants join), then a two-round run, then faults (a merchant SIGKILLed mid-round; the
-coordinator SIGKILLed mid-run and resumed, with one merchant whose budget is spent).
+the merchants join), then a coordinator's rogue app refused by every merchant, then a two-round run
+of the project's own (approved) app, then faults (a merchant SIGKILLed mid-round; the coordinator
+SIGKILLed mid-run and resumed, with one merchant whose budget is spent).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from client.trust import AppBundle
 from server.audit import audit_problems, read_audit
 from server.deploy import run_summary
 from shared.adapters import AdapterSpec, extract_adapter
@@ -25,7 +27,7 @@ from shared.config import RunConfig
 from shared.model import build_model
 from shared.pki import make_dev_certificates
 from shared.privacy import Charge, epsilon_of
-from tests.deploy_helpers import Deployment, wait_for
+from tests.deploy_helpers import Deployment, wait_for, write_rogue_app
 
 pytestmark = pytest.mark.slow
 
@@ -97,10 +99,11 @@ def test_intruders_are_refused(deployment: Deployment) -> None:
 
 def test_private_keys_owner_only_and_never_logged(deployment: Deployment) -> None:
     d = deployment
-    keys = [d.certs.ca_key, d.certs.server_key] + [
-        d.merchants[n].settings.daemon.private_key
-        for n in SHOPS  # type: ignore[misc]
-    ]
+    keys = [d.certs.ca_key, d.certs.server_key]
+    for name in SHOPS:  # each merchant's authentication key and app-approval key
+        auth_key = d.merchants[name].settings.daemon.private_key
+        assert auth_key is not None
+        keys += [auth_key, d.merchants[name].trust.key_path]
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     # the base64 body of every private key appears in no log, settings or run file
@@ -111,15 +114,63 @@ def test_private_keys_owner_only_and_never_logged(deployment: Deployment) -> Non
     assert not any(s in t for s in secrets for t in texts)
 
 
+# ---------------------------------------------------------------------------------------- merchants join
+
+
+@pytest.fixture(scope="module")
+def online(deployment: Deployment) -> Deployment:
+    for name in SHOPS:
+        deployment.start_merchant(name)
+    deployment.wait_online(3)
+    return deployment
+
+
+# ---------------------------------------------------------------------------------------- trusted code
+
+
+def run_rogue(d: Deployment, name: str) -> tuple[int, list[dict[str, Any]]]:
+    """Submit the rogue app as the coordinator would (`flwr run`); return its run id and replies."""
+    out = d.coordinator.folder / f"{name}-replies.json"
+    overrides = d.root / f"{name}.toml"
+    overrides.write_text(f"out-file = {json.dumps(str(out))}\nnodes = {len(SHOPS)}\n")
+    answer = d.coordinator.flwr("run", str(d.root / "rogue"), "--run-config", str(overrides))
+    run_id = int(answer["run-id"])
+    wait_for(lambda: d.coordinator.flower_status(run_id).startswith("finished"), 240, f"rogue run {run_id}")
+    return run_id, json.loads(out.read_text()) if out.exists() else []
+
+
+def test_rogue_app_is_refused_and_no_data_leaves(online: Deployment) -> None:
+    d = online
+    rogue = AppBundle.load(write_rogue_app(d.root / "rogue"))
+    rows = {n: (d.merchants[n].folder / "events.jsonl").read_text().splitlines()[:50] for n in SHOPS}
+    run_id, replies = run_rogue(d, "rogue")
+    assert len(replies) == len(SHOPS)
+    assert all(
+        r["content"] is None and r["error"]["reason"] == "The FAB could not be verified." for r in replies
+    )
+    coordinator_files = [p.read_bytes() for p in d.coordinator.folder.rglob("*") if p.is_file()]
+    assert not any(row.encode() in blob for rs in rows.values() for row in rs for blob in coordinator_files)
+    for name in SHOPS:  # each merchant logged why, and never unpacked the app
+        log = d.merchants[name].supernode.log_file.read_text(errors="replace")
+        assert f"Refusing run {run_id}: its app (FAB sha256 {rogue.sha256}" in log
+        assert not list((d.merchants[name].settings.state_dir / "flwr").rglob("rogue_app.py"))
+    # control: once shop-a approves this app, the same run does take shop-a's rows (the others still refuse)
+    d.merchants["shop-a"].trust.approve(rogue)
+    try:
+        _, replies = run_rogue(d, "rogue-approved")
+    finally:
+        d.merchants["shop-a"].trust.revoke(rogue.sha256)
+    loot = [r["content"]["loot"]["rows"] for r in replies if r["content"]]
+    assert len(loot) == 1 and all(row in loot[0] for row in rows["shop-a"])
+    assert sum(r["content"] is None for r in replies) == len(SHOPS) - 1
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
 @pytest.fixture(scope="module")
-def e2e(deployment: Deployment, tiny_bert: str) -> tuple[Any, str]:
-    d = deployment
-    for name in SHOPS:
-        d.start_merchant(name)
-    d.wait_online(3)
+def e2e(online: Deployment, tiny_bert: str) -> tuple[Any, str]:
+    d = online
     launch = d.coordinator.launch(run_config(tiny_bert, **{"min-train-nodes": 3}), name="e2e")
     return launch, d.coordinator.wait(launch, RUN_TIMEOUT)
 

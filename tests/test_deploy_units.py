@@ -17,12 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.daemon import Merchant, init_merchant
 from client.settings import MerchantSettings
+from client.trust import AppBundle
 from server.audit import audit_problems
 from server.deploy import CoordinatorHome
 from shared.cli import main
 from shared.daemon import Daemon
 from shared.pki import check_secret_permissions, make_dev_certificates, make_merchant_keys, write_secret
 from shared.settings import SettingsError
+from tests.deploy_helpers import write_rogue_app
 
 # ------------------------------------------------------------------------------------- keys, certs
 
@@ -104,10 +106,16 @@ def test_settings_errors_name_key_and_file(tmp_path: Path) -> None:
 
 
 def test_coordinator_settings_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "coordinator.toml").write_text("port = 9100\nsupernode-auth = false\n")
+    (tmp_path / "coordinator.toml").write_text("port = 9100\nsupernode-auth = false\ninsecure = true\n")
     home = CoordinatorHome.open(tmp_path)
     assert home.settings.port == 9100 and not home.settings.supernode_auth
     assert home.settings.ssl_certfile == tmp_path / "certs" / "server.pem"
+    assert home.app == Path(__file__).resolve().parent.parent  # default: this project's own app
+    (tmp_path / "coordinator.toml").write_text("port = 9100\nsupernode-auth = false\n")
+    with pytest.raises(SettingsError, match="only with insecure = true"):
+        CoordinatorHome.open(tmp_path)  # merchant authentication off is for development only
+    (tmp_path / "coordinator.toml").write_text('port = 9100\napp = "frozen/app"\n')
+    assert CoordinatorHome.open(tmp_path).app == tmp_path / "frozen" / "app"
     monkeypatch.setenv("FEDBEHAVIOR_COORDINATOR_PORT", "9200")
     assert CoordinatorHome.open(tmp_path).settings.dial_address == "127.0.0.1:9200"
 
@@ -139,6 +147,7 @@ def test_merchant_init_and_supernode_command(tmp_path: Path) -> None:
         tmp_path / "m", merchant_id="shop", superlink="h:1", root_certificates=certs.ca_cert, max_epsilon=4
     )
     assert s.max_epsilon == 4.0 and s.daemon.private_key == tmp_path / "m" / "keys" / "supernode"
+    Merchant.open(tmp_path / "m").trust.approve(AppBundle.load(write_rogue_app(tmp_path / "app")))
     cmd = Merchant.open(tmp_path / "m").supernode_command()
     assert cmd[cmd.index("--root-certificates") + 1] == str(certs.ca_cert)
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(s.daemon.private_key)
@@ -170,6 +179,7 @@ def test_insecure_is_explicit_and_loud(tmp_path: Path, capsys: pytest.CaptureFix
         == 0
     )
     merchant = Merchant.open(tmp_path / "m")
+    merchant.trust.approve(AppBundle.load(write_rogue_app(tmp_path / "app")))
     assert "--insecure" in merchant.supernode_command() and not (tmp_path / "m" / "keys").exists()
     assert main(["merchant", "start", str(tmp_path / "m")]) == 2  # starting insecure needs the flag again
     assert "--insecure" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.train import DPSettings, Encoded, StepPlan, TrainSettings, evaluate, train_dp
+from client.customer_dp import CustomerIndex
+from client.train import DPSettings, DPStep, Encoded, StepPlan, TrainSettings, evaluate, train_dp
 from shared.adapters import extract_adapter, load_adapter
 from shared.model import LoraSpec, build_model, load_tokenizer, trainable_parameters
 
@@ -72,26 +73,37 @@ def test_per_sample_gradients_equal_per_example_loop(tiny_bert: str) -> None:
     gsm.to_standard_module()
 
 
-def test_clipped_noiseless_step_equals_clipped_mean_of_loop(tiny_bert: str) -> None:
+def test_per_example_mechanism_matches_opacus_dp_optimizer(tiny_bert: str) -> None:
+    """One customer per example: our clip + sum + divide equals Opacus's own DP-SGD step (noise 0)."""
     model = model_with_nonzero_b(tiny_bert)
     model.train()
     data = encode(tiny_bert, 4)
     clip = 0.05
     grads = per_example_grads(model, data)
-    norms = [torch.sqrt(sum((g**2).sum() for g in gs)) for gs in grads]
-    assert max(norms) > clip, "the test needs clipping to be active"
-    expected = [
-        sum(gs[j] * min(1.0, clip / (float(n) + 1e-6)) for gs, n in zip(grads, norms, strict=True))
-        / len(data)
-        for j in range(len(grads[0]))
-    ]
-    before = [p.detach().clone() for p in trainable_parameters(model)]
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=1.0)
+    assert max(float(torch.sqrt(sum((g**2).sum() for g in gs))) for gs in grads) > clip, "clip inactive"
+    params = trainable_parameters(model)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    plan = StepPlan.of(len(data), batch_size=len(data), epochs=1)  # q = 1: every customer sampled
+    step = DPStep(
+        gsm,
+        params,
+        torch.optim.SGD(params, lr=0.0),
+        data,
+        CustomerIndex.of(None, len(data)),
+        plan,
+        DPSettings(noise_multiplier=0.0, max_grad_norm=clip),
+        torch.device("cpu"),
+        chunk=3,
+    )
+    ours, _, _ = step.gradient(torch.arange(len(data)))
+    gsm.to_standard_module()
+
+    before = [p.detach().clone() for p in params]
     loader = DataLoader(data.dataset(), batch_size=len(data))
     engine = PrivacyEngine(accountant="rdp")
     private, dp_opt, dp_loader = engine.make_private(
         module=model,
-        optimizer=optimizer,
+        optimizer=torch.optim.SGD(params, lr=1.0),
         data_loader=loader,
         noise_multiplier=0.0,
         max_grad_norm=clip,
@@ -102,8 +114,8 @@ def test_clipped_noiseless_step_equals_clipped_mean_of_loop(tiny_bert: str) -> N
         torch.nn.functional.cross_entropy(logits, labels).backward()
         dp_opt.step()
     private.to_standard_module()
-    for b, p, e in zip(before, trainable_parameters(model), expected, strict=True):
-        torch.testing.assert_close(b - p.detach(), e, rtol=1e-4, atol=1e-7)
+    for b, p, g in zip(before, params, ours, strict=True):
+        torch.testing.assert_close(b - p.detach(), g, rtol=1e-4, atol=1e-7)
 
 
 def test_one_dp_step_moves_lora_b_and_head_only(tiny_bert: str) -> None:
@@ -166,7 +178,7 @@ def test_fixed_seed_reproduces_training(tiny_bert: str) -> None:
 
 
 def test_step_plan_matches_opacus_sampling() -> None:
-    plan = StepPlan.of(n_examples=500, batch_size=64, epochs=2)
+    plan = StepPlan.of(n_customers=500, batch_size=64, epochs=2)
     assert plan.steps == 16 and plan.sample_rate == pytest.approx(1 / 8)
 
 

@@ -100,3 +100,55 @@ def test_evaluation_reports_metrics_and_epsilon(tiny_bert: str, shop: Path) -> N
     metrics = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings))
     assert metrics["examples"] > 0 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
     assert metrics["epsilon"] == 0.0 and metrics["delta"] == 1e-6
+
+
+def test_ledger_records_q_over_customers_and_k_examples_each(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+    cfg = config(tiny_bert, **{"examples-per-customer": 3})
+    out = merchant.train_round(
+        settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
+    )
+    data = merchant._prepare(settings, cfg)[2]
+    n = len(data.train_customers)
+    sessions = [len(data.train_candidates[c]) for c in data.train_customers]
+    assert out.examples == sum(min(3, s) for s in sessions) > n  # several sessions of most customers
+    (charge,) = json.loads(settings.ledger_path.read_text())["history"]
+    batches = -(-n // 16)  # ceil(customers / batch-size)
+    assert charge["sample_rate"] == pytest.approx(1 / batches) and charge["steps"] == batches
+
+
+def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+    cfg = config(tiny_bert)
+    good = global_adapter(cfg, settings)
+    key = next(iter(good))
+    nan = {**good, key: torch.full_like(good[key], float("nan"))}
+    wrong_shape = {**good, key: torch.zeros(3, 3)}
+    extra = {**good, "bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}
+    for bad in (nan, wrong_shape, extra):
+        out = merchant.train_round(settings, cfg, bad, server_round=1, run_id="a", seed=1)
+        assert out.status == "failed" and out.adapter is None and out.epsilon == 0.0
+    assert not settings.ledger_path.exists() or json.loads(settings.ledger_path.read_text())["history"] == []
+
+
+def test_per_run_cap_bounds_a_one_round_run(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=8.0, max_epsilon_per_run=2.0)
+    cfg = config(tiny_bert, **{"num-rounds": 1})  # a coordinator asking to spend everything at once
+    g = global_adapter(cfg, settings)
+    first = merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1)
+    assert first.status == "trained" and 0.95 * 2.0 <= first.epsilon <= 2.0
+    extra_round = merchant.train_round(settings, cfg, g, server_round=2, run_id="a", seed=2)
+    assert extra_round.status == "refused-budget" and "max-epsilon-per-run" in extra_round.reason
+    second_run = merchant.train_round(settings, cfg, g, server_round=1, run_id="b", seed=3)
+    assert second_run.status == "trained" and first.epsilon + 1.0 < second_run.epsilon <= 4.0
+    assert len(json.loads(settings.ledger_path.read_text())["history"]) == 2
+
+
+def test_delta_not_far_below_one_over_customers_is_refused(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, delta=5e-3)  # ~50 customers: limit 1/500
+    cfg = config(tiny_bert)
+    out = merchant.train_round(
+        settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
+    )
+    assert out.status == "refused-budget" and "delta" in out.reason and out.adapter is None
+    assert not settings.ledger_path.exists() or json.loads(settings.ledger_path.read_text())["history"] == []

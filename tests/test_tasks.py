@@ -1,9 +1,11 @@
-"""Tests of shared/tasks.py: label builders (no leakage), per-customer sampling, customer split."""
+"""Tests of shared/tasks.py: label builders (no leakage), per-customer sampling, customer and time
+splits."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -22,6 +24,7 @@ from shared.tasks import (
     next_behavior,
     one_per_customer,
     purchase_intent,
+    split_by_time,
     split_customers,
     stable_hash,
 )
@@ -339,6 +342,98 @@ def test_split_customers_stable_under_input_order_and_salted() -> None:
 def test_split_customers_rejects_bad_fraction(fraction: float) -> None:
     with pytest.raises(ValueError):
         split_customers(["a", "b"], eval_fraction=fraction, salt="s")
+
+
+# --- split_by_time --------------------------------------------------------------------------------
+
+DAY = timedelta(days=1)
+CUTOFF = T0 + 3 * DAY  # public: in the run config, not learnt from any session
+
+
+def _timed(customer: str, session_id: str, start: datetime, minutes: float = 10) -> Candidate:
+    """A candidate whose session starts at `start` and ends `minutes` later."""
+    first = make_event(Behavior.VIEW, 0, session_id=session_id, customer_id=customer)
+    prefix = (first.model_copy(update={"timestamp": start}),)
+    return Candidate(customer, session_id, prefix, 0, start + timedelta(minutes=minutes))
+
+
+def _daily(customers: Iterable[int], days: int = 6) -> dict[str, list[Candidate]]:
+    """Customer i: one session a day ("s0" … ), at minute 7·i of the day."""
+    return {
+        f"cust{i:03d}": [
+            _timed(f"cust{i:03d}", f"s{d}", T0 + d * DAY + timedelta(minutes=7 * i)) for d in range(days)
+        ]
+        for i in customers
+    }
+
+
+def _sessions(candidates: list[Candidate]) -> list[str]:
+    return [c.session_id for c in candidates]
+
+
+def test_split_by_time_holds_out_customers_and_only_their_later_sessions() -> None:
+    cands = _daily(range(60))
+    # starts before the cut-off and ends after it: neither training nor evaluation may use it
+    cands["cust000"].append(_timed("cust000", "straddle", CUTOFF - timedelta(minutes=5)))
+    train, held_out = split_by_time(cands, cutoff=CUTOFF, eval_fraction=0.25, salt="m")
+    train_ids, eval_ids = split_customers(cands, eval_fraction=0.25, salt="m")
+    assert sorted(train) == train_ids and sorted(held_out) == eval_ids  # the customer hash decides
+    assert set(train).isdisjoint(held_out) and 8 <= len(held_out) <= 22
+    assert all(_sessions(cs) == ["s0", "s1", "s2"] for cs in train.values())
+    assert all(_sessions(cs) == ["s3", "s4", "s5"] for cs in held_out.values())
+    assert all("straddle" not in _sessions(cs) for cs in [*train.values(), *held_out.values()])
+
+
+def test_split_by_time_boundary_instants() -> None:
+    cands = _daily(range(20))
+    train_ids, eval_ids = split_customers(cands, eval_fraction=0.25, salt="m")
+    t, e = train_ids[0], eval_ids[0]
+    cands[t] += [
+        _timed(t, "ends-at-cutoff", CUTOFF - timedelta(minutes=10)),
+        _timed(t, "ends-just-before", CUTOFF - timedelta(minutes=10, seconds=1)),
+    ]
+    cands[e] += [
+        _timed(e, "starts-at-cutoff", CUTOFF),
+        _timed(e, "starts-just-before", CUTOFF - timedelta(seconds=1)),
+    ]
+    train, held_out = split_by_time(cands, cutoff=CUTOFF, eval_fraction=0.25, salt="m")
+    assert _sessions(train[t]) == ["s0", "s1", "s2", "ends-just-before"]
+    assert _sessions(held_out[e]) == ["s3", "s4", "s5", "starts-at-cutoff"]
+
+
+def test_split_by_time_adding_a_customer_changes_no_one_elses_examples() -> None:
+    cands = _daily(range(40))
+    before = split_by_time(cands, cutoff=CUTOFF, eval_fraction=0.25, salt="m")
+    # many late sessions of one newcomer would have moved a quantile of session start times
+    late = [_timed("cust999", f"late{d}", T0 + (10 + d) * DAY) for d in range(200)]
+    after = split_by_time({**cands, "cust999": late}, cutoff=CUTOFF, eval_fraction=0.25, salt="m")
+    for side_before, side_after in zip(before, after, strict=True):
+        assert {k: v for k, v in side_after.items() if k != "cust999"} == side_before
+
+
+@SETTINGS
+@given(
+    offsets=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 600), st.integers(0, 9)), max_size=60),
+    cut_hours=st.integers(0, 31 * 24),
+)
+def test_split_by_time_never_shares_a_customer_nor_leaks_the_future(
+    offsets: list[tuple[int, int, int]], cut_hours: int
+) -> None:
+    cands: dict[str, list[Candidate]] = {}
+    for n, (day, minutes, customer) in enumerate(offsets):
+        cid = f"cust{customer}"
+        cands.setdefault(cid, []).append(_timed(cid, f"s{n}", T0 + day * DAY, minutes=minutes))
+    cutoff = T0 + timedelta(hours=cut_hours)
+    train, held_out = split_by_time(cands, cutoff=cutoff, eval_fraction=0.3, salt="x")
+    assert set(train).isdisjoint(held_out)
+    assert all(c.ends_at is not None and c.ends_at < cutoff for cs in train.values() for c in cs)
+    assert all(c.prefix[0].timestamp >= cutoff for cs in held_out.values() for c in cs)
+    assert all(c in cands[k] for side in (train, held_out) for k, cs in side.items() for c in cs)
+
+
+def test_split_by_time_refuses_a_cutoff_without_time_zone() -> None:
+    with pytest.raises(ValueError, match="time zone"):
+        split_by_time(_daily(range(3)), cutoff=CUTOFF.replace(tzinfo=None), eval_fraction=0.25, salt="m")
 
 
 # --- stable_hash ----------------------------------------------------------------------------------

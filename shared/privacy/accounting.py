@@ -1,31 +1,33 @@
-"""RDP accounting of the Poisson-subsampled Gaussian mechanism (DP-SGD).
+"""Privacy accounting of DP-SGD histories: the `Charge` record and its epsilon under either accountant.
 
-A privacy history is a list of `Charge`s: `steps` steps of DP-SGD with sampling rate `sample_rate`
-and noise multiplier `noise_multiplier`. Its epsilon at `delta` is the RDP composition of every
-charge converted to (ε, δ); this is exactly what Opacus's RDP accountant computes, so a ledger can
-be recomputed by anyone from its history alone.
+A privacy history is a list of `Charge`s: `steps` steps of DP-SGD (Poisson-subsampled Gaussian) with
+sampling rate `sample_rate` and noise multiplier `noise_multiplier`. Its epsilon at `delta` is the
+composition of every charge under one accountant:
+
+- `pld` (default): the privacy-loss distribution, pessimistically discretised (`shared.privacy.pld`);
+  the tightest of the two, about 10% below RDP at the same noise;
+- `rdp`: Rényi DP, as Opacus's RDP accountant computes it (`shared.privacy.rdp`).
+
+Charges with the same (σ, q) are one mechanism applied `steps` times in total, so they are merged
+before composing: the epsilon depends on the history alone (not on how it was split into rounds, runs
+or files), and anyone can recompute a ledger's number from its `history` with `epsilon_of`.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from typing import Literal, get_args
 
-from opacus.accountants.analysis import rdp as rdp_analysis
+from shared.privacy.pld import pld_epsilon
+from shared.privacy.rdp import ORDERS, rdp_epsilon
 
-# Rényi orders: dense near 1 (large epsilons), integers above, up to 256 (strong noise, few steps).
-# Any set of orders gives a valid bound; this one stays within 1% of dp-accounting's dense grid
-# (tested) at about a third of the cost of Opacus's default grid, whose fractional orders are slow.
-ORDERS: tuple[float, ...] = tuple(
-    [1 + x / 10 for x in range(1, 10)]  # 1.1 … 1.9
-    + [2 + x / 4 for x in range(8)]  # 2 … 3.75
-    + [4 + x / 2 for x in range(8)]  # 4 … 7.5
-    + [8.0, 9.0, 10.0, 11.0, 12.0, 14.0, 16.0, 18.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 56.0, 64.0]
-    + [80.0, 96.0, 128.0, 160.0, 192.0, 256.0]
-)
+Accountant = Literal["pld", "rdp"]
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+DEFAULT_ACCOUNTANT: Accountant = "pld"
+
+__all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "ORDERS", "Accountant", "Charge", "epsilon_of", "segments"]
 
 
 @dataclass(frozen=True)
@@ -65,30 +67,32 @@ class Charge:
             raise ValueError(f"ledger history entry lacks field {missing}: {data}") from None
 
 
-def epsilon_of(history: Iterable[Charge], delta: float, orders: Sequence[float] = ORDERS) -> float:
-    """Epsilon of the composition of every charge in `history` at `delta` (0 for an empty history)."""
+def segments(history: Iterable[Charge]) -> list[tuple[float, float, int]]:
+    """`(noise_multiplier, sample_rate, steps)` per distinct mechanism, steps summed, sorted.
+
+    The clip norm is not part of the key: σ is relative to it, so the privacy loss does not depend on it.
+    """
+    steps: dict[tuple[float, float], int] = defaultdict(int)
+    for charge in history:
+        if charge.steps > 0:
+            steps[(charge.noise_multiplier, charge.sample_rate)] += charge.steps
+    return sorted((sigma, q, n) for (sigma, q), n in steps.items())
+
+
+def check_accountant(name: str) -> Accountant:
+    """`name` if it is a known accountant, else a ValueError that names the choices."""
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}")
+    return name  # type: ignore[return-value]
+
+
+def epsilon_of(history: Iterable[Charge], delta: float, *, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+    """Epsilon of the composition of every charge in `history` at `delta` (0 for an empty history),
+    under `accountant` (`pld` or `rdp`: a ledger's own `accountant` field says which)."""
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    total = [0.0] * len(orders)
-    any_steps = False
-    for charge in history:
-        if charge.steps == 0:
-            continue
-        any_steps = True
-        # RDP composes additively, so one step's RDP (cached) times the number of steps
-        rdp = _one_step_rdp(charge.sample_rate, charge.noise_multiplier, tuple(orders))
-        total = [a + charge.steps * b for a, b in zip(total, rdp, strict=True)]
-    if not any_steps:
+    kind = check_accountant(accountant)
+    parts = segments(history)
+    if not parts:
         return 0.0
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
-        warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
-    return float(eps) if math.isfinite(eps) else math.inf
-
-
-@lru_cache(maxsize=4096)
-def _one_step_rdp(
-    sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]
-) -> tuple[float, ...]:
-    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
-    return tuple(float(x) for x in rdp)
+    return pld_epsilon(parts, delta) if kind == "pld" else rdp_epsilon(parts, delta)
