@@ -1,8 +1,8 @@
 """Flower ClientApp: decode the message, call `client.merchant`, encode the reply. Nothing else.
 
 The model, tokenizer and data are cached at module level by `client.merchant` (a ClientApp object is
-rebuilt for every message). Only adapter tensors, scalar metrics and a status with a fixed short
-reason are put in a reply: an exception's text stays in the merchant's log.
+rebuilt for every message). Only adapter tensors, scalar metrics, noisy evaluation histograms and a
+status with a fixed short reason are put in a reply: an exception's text stays in the merchant's log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client import merchant
 from client.settings import MerchantSettings, from_node_config
-from shared import protocol
+from shared import histograms, protocol
 from shared.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,19 @@ def _train(
 def _evaluate(
     cfg: RunConfig, server_round: int, run_key: str, adapter: dict, settings: MerchantSettings
 ) -> RecordDict:
-    metrics = merchant.evaluate_round(settings, cfg, adapter)
-    return RecordDict(
+    outcome = merchant.evaluate_round(settings, cfg, adapter, server_round=server_round, run_id=run_key)
+    # Only noisy histograms (charged to the ledger) and their noisy count; exact metrics stay local.
+    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta, "examples": outcome.examples}
+    content = RecordDict(
         {
-            protocol.METRICS: MetricRecord(metrics),
-            protocol.STATUS: _status(protocol.EVALUATED, settings.merchant_id),
+            protocol.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+            protocol.STATUS: _status(outcome.status, outcome.merchant_id, outcome.code),
         }
     )
+    if outcome.histograms:
+        values = {name: h.to_values() for name, h in outcome.histograms.items()}
+        content[histograms.RECORD] = MetricRecord(values)  # type: ignore[arg-type]
+    return content
 
 
 @app.train()

@@ -1,7 +1,8 @@
 """One merchant's side of a round, as plain functions: no Flower here.
 
 `train_round` = load data → pick this round's customers → calibrate noise → charge the ledger →
-DP-SGD → outgoing guard. `evaluate_round` = held-out customers → metrics. Heavy objects (model,
+DP-SGD → outgoing guard. `evaluate_round` = held-out customers → charge the ledger → noisy
+histograms (`client.evaluation`; exact metrics never leave). Heavy objects (model,
 tokenizer, encoded data) are cached per process: a Flower ClientApp is rebuilt for every message.
 """
 
@@ -9,25 +10,39 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 
+from client.baseline import baseline_probabilities
 from client.data import Encoder, MerchantData, load_events
+from client.evaluation import (
+    BASELINE_RELEASES,
+    EvaluationCounter,
+    HeldOut,
+    exact_metrics,
+    log_locally,
+    noisy_histograms,
+    planned_charges,
+    release_charge,
+)
 from client.labels import find_labels, load_labels
 from client.round_checks import check_run_cap, delta_problem, incoming_problem, run_epsilon_target
 from client.settings import MerchantSettings
-from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, evaluate, train_dp
+from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
 from shared.config import RunConfig
+from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
 from shared.privacy import BudgetExceededError, Charge, Ledger
 from shared.privacy.calibration import CalibrationError, calibrate_noise
-from shared.tasks import TaskSpec
+from shared.protocol import EVALUATED
+from shared.tasks import TaskSpec, one_per_customer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +52,8 @@ TRAINED, REFUSED_BUDGET, FAILED = "trained", "refused-budget", "failed"
 # private values (customer counts, paths, epsilon spent by other runs), so it is logged here instead.
 BUDGET, CALIBRATION, NON_FINITE = "budget", "calibration", "non-finite"
 BAD_REQUEST, ERROR = "bad-request", "error"
-WIRE_REASONS = frozenset({"", BUDGET, CALIBRATION, NON_FINITE, BAD_REQUEST, ERROR})
+EVALUATION_LIMIT = "evaluation-limit"  # max-evaluations-per-run reached
+WIRE_REASONS = frozenset({"", BUDGET, CALIBRATION, NON_FINITE, BAD_REQUEST, ERROR, EVALUATION_LIMIT})
 
 
 @dataclass
@@ -155,13 +171,15 @@ def noise_for_run(
     floor: float,
     ceiling: float,
     target: float | None = None,
+    reserved: Sequence[Charge] = (),
 ) -> float:
     """σ for this run: calibrated once for the whole planned horizon against what earlier runs spent
     (the same answer every round and after restarts), never below the merchant's floor. `target` is
-    the ε the run may end at (default max-epsilon; lower under max-epsilon-per-run)."""
+    the ε the run may end at (default max-epsilon; lower under max-epsilon-per-run); `reserved` is
+    what the run's other releases will charge at most (its evaluations)."""
     earlier = [c for c in ledger.history if c.run_id != run_id]
     sigma = calibrate_noise(
-        spent=earlier,
+        spent=[*earlier, *reserved],
         sample_rate=plan.sample_rate,
         steps_per_round=plan.steps,
         rounds=cfg.num_rounds,
@@ -231,6 +249,12 @@ def train_round(
             floor=settings.min_noise_multiplier,
             ceiling=settings.max_noise_multiplier,
             target=target,
+            reserved=planned_charges(
+                run_id=run_id,
+                num_rounds=cfg.num_rounds,
+                noise_multiplier=settings.eval_noise_multiplier,
+                max_per_run=settings.max_evaluations_per_run,
+            ),
         )
         charge = Charge(
             round=server_round,
@@ -289,24 +313,100 @@ def train_round(
     )
 
 
-def evaluate_round(settings: MerchantSettings, cfg: RunConfig, adapter: AdapterState) -> dict[str, Any]:
-    """Metrics of `adapter` on this merchant's held-out customers, plus its current epsilon."""
-    model, encoder, data, device = _prepare(settings, cfg)
-    load_adapter(model, adapter)
-    result = evaluate(
-        model, encoder.encode(data.evaluation()), batch_size=max(cfg.batch_size, 64), device=device
+@dataclass
+class EvalOutcome:
+    """What a merchant reports after an evaluation: noisy histograms (charged) and its epsilon."""
+
+    status: str
+    merchant_id: str
+    epsilon: float
+    delta: float
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+    reason: str = ""  # logged on the merchant, never sent
+    code: str = ""  # one of WIRE_REASONS
+
+    @property
+    def examples(self) -> int:
+        """The noisy held-out count (post-processing of the model's noisy histogram)."""
+        model = self.histograms.get(MODEL)
+        return max(0, round(model.examples)) if model is not None else 0
+
+
+def _charge_evaluation(
+    settings: MerchantSettings, ledger: Ledger, *, run_id: str, server_round: int
+) -> tuple[bool, EvalOutcome | None]:
+    """Count and charge this evaluation before anything is computed for release: (whether the
+    baseline goes out, None), or (False, a refusal)."""
+    counter = EvaluationCounter.open(settings.state_dir)
+    if counter.answered(run_id) >= settings.max_evaluations_per_run:
+        detail = f"max-evaluations-per-run ({settings.max_evaluations_per_run}) reached for run {run_id}"
+        log.warning("%s refuses to evaluate: %s", settings.merchant_id, detail)
+        refusal = EvalOutcome(
+            REFUSED_BUDGET,
+            settings.merchant_id,
+            ledger.epsilon,
+            ledger.delta,
+            reason=detail,
+            code=EVALUATION_LIMIT,
+        )
+        return False, refusal
+    with_baseline = not counter.baseline_sent(run_id)
+    charge = release_charge(
+        server_round=server_round,
+        run_id=run_id,
+        noise_multiplier=settings.eval_noise_multiplier,
+        releases=1 + (BASELINE_RELEASES if with_baseline else 0),
     )
+    try:
+        target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
+        check_run_cap(ledger, charge, target)
+        counter.record(run_id, baseline=with_baseline)  # before the charge: a crash over-counts
+        ledger.charge(charge)
+    except BudgetExceededError as err:
+        log.warning("%s refuses to evaluate round %d: %s", settings.merchant_id, server_round, err)
+        return False, EvalOutcome(
+            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err), code=BUDGET
+        )
+    return with_baseline, None
+
+
+def evaluate_round(
+    settings: MerchantSettings,
+    cfg: RunConfig,
+    adapter: AdapterState,
+    *,
+    server_round: int = 0,
+    run_id: str = "",
+    seed: int | None = None,
+) -> EvalOutcome:
+    """Noisy histograms of `adapter` (and once per run of the local baseline) on this merchant's
+    held-out customers, charged to the ledger first. `seed` is for tests only."""
+    model, encoder, data, device = _prepare(settings, cfg)
     ledger = open_ledger(settings)
-    metrics: dict[str, Any] = {
-        "loss": result.loss,
-        "accuracy": result.accuracy,
-        "macro_f1": result.macro_f1,
-        "examples": result.examples,
-        "epsilon": ledger.epsilon,
-        "delta": ledger.delta,
-    }
-    if result.auc is not None:
-        metrics["auc"] = result.auc
-    if result.top3_accuracy is not None:
-        metrics["top3_accuracy"] = result.top3_accuracy
-    return metrics
+    problem = incoming_problem(model, adapter)
+    if problem is not None:
+        log.warning("%s will not evaluate the global adapter: %s", settings.merchant_id, problem)
+        return EvalOutcome(
+            FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=problem, code=BAD_REQUEST
+        )
+    with_baseline, refusal = _charge_evaluation(settings, ledger, run_id=run_id, server_round=server_round)
+    if refusal is not None:
+        return refusal
+    held_out = data.evaluation()
+    load_adapter(model, adapter)
+    probs, _ = predict(model, encoder.encode(held_out), batch_size=max(cfg.batch_size, 64), device=device)
+    labels = np.asarray([c.label for c in held_out], dtype=np.int64)
+    results = {MODEL: HeldOut(labels, probs)}
+    if with_baseline:
+        train = one_per_customer(data.train_candidates, data.train_customers, round_seed="baseline")
+        noisy = baseline_probabilities(
+            train,
+            held_out,
+            cfg.task_spec.num_labels,
+            noise_multiplier=settings.eval_noise_multiplier,
+            seed=seed,
+        )
+        results[LOCAL_BASELINE] = HeldOut(labels, noisy)
+    log_locally(settings.state_dir, {"run_id": run_id, "round": server_round, **exact_metrics(results)})
+    histograms = noisy_histograms(results, settings.eval_noise_multiplier, seed=seed)
+    return EvalOutcome(EVALUATED, settings.merchant_id, ledger.epsilon, ledger.delta, histograms)

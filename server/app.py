@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.audit import WireAudit
 from server.coordinator import FAILED, REFUSED, TRAINED, Coordinator, Reply
-from shared import protocol
+from shared import histograms, protocol
 from shared.adapters import AdapterState
 from shared.config import RunConfig
 
@@ -122,7 +122,25 @@ def _decode_content(node_id: int, content: RecordDict) -> Reply:
         metrics=_metrics(content),
         bytes_up=sum(len(a.data) for a in arrays.values()) if arrays is not None else 0,
         reason=reason[:MAX_TEXT_CHARS],
+        histograms=_histograms(content),
     )
+
+
+def _histograms(content: RecordDict) -> dict[str, list[float]]:
+    """The evaluation histograms (name → finite counts); their shape is checked by the coordinator."""
+    record = content.metric_records.get(histograms.RECORD)
+    if record is None:
+        return {}
+    out: dict[str, list[float]] = {}
+    for name, values in record.items():
+        if name not in histograms.NAMES:
+            raise MalformedReplyError(f"unknown histogram {str(name)[:40]!r}")
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise MalformedReplyError(f"histogram {name!r} must be a list of finite numbers")
+        out[name] = [float(v) for v in values]
+    return out
 
 
 def _metrics(content: RecordDict) -> dict[str, float]:

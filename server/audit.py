@@ -15,6 +15,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from shared import histograms
+
 AUDIT_FILE = "wire-audit.jsonl"
 
 
@@ -84,7 +86,8 @@ def read_audit(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-ALLOWED_RECORDS = {"arrays", "metrics", "status"}
+ALLOWED_RECORDS = {"arrays", "metrics", "status", histograms.RECORD}
+MAX_HISTOGRAM_VALUES = 4096  # a 64-label confusion matrix; a score histogram has 2 × bins
 STATUS_KEYS = {"status", "merchant-id", "reason"}
 MAX_HEADER_BYTES = 256  # a .npy header: dtype, shape, padding; anything more would be a hidden payload
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -126,6 +129,8 @@ def audit_problems(entries: list[dict[str, Any]], expected: dict[str, tuple[int,
                         problems.append(
                             f"{where}: {key} sends {t['bytes']} bytes for {t['value_bytes']} bytes of values"
                         )
+            elif rec["type"] == "metrics" and name == histograms.RECORD:
+                problems += _histogram_problems(where, rec["values"])
             elif rec["type"] == "metrics":
                 for key, value in rec["values"].items():
                     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -136,4 +141,17 @@ def audit_problems(entries: list[dict[str, Any]], expected: dict[str, tuple[int,
                         problems.append(f"{where}: status field {key}={value!r} is not allowed")
             else:
                 problems.append(f"{where}: record {name!r} has unexpected type {rec['type']}")
+    return problems
+
+
+def _histogram_problems(where: str, values: dict[str, Any]) -> list[str]:
+    """Evaluation histograms (noisy counts, charged by the merchant): known names, lists of numbers."""
+    problems = []
+    for key, counts in values.items():
+        if key not in histograms.NAMES:
+            problems.append(f"{where}: unexpected histogram {key!r}")
+        elif not isinstance(counts, list) or not 0 < len(counts) <= MAX_HISTOGRAM_VALUES:
+            problems.append(f"{where}: histogram {key} is not a list of 1 to {MAX_HISTOGRAM_VALUES} counts")
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in counts):
+            problems.append(f"{where}: histogram {key} holds a value that is not a number")
     return problems

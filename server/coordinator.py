@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from server.checkpoint import load_latest, save_checkpoint
 from server.export import export_final
-from server.metrics import GLOBAL_KEYS, MetricsLog
+from server.metrics import GLOBAL_KEYS, MetricsLog, pool_evaluations
 from server.round_state import RoundState
 from server.strategy import (
     RobustPolicy,
@@ -29,6 +29,7 @@ from server.strategy import (
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.protocol import EVALUATED
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     reason: str = ""
+    histograms: dict[str, list[float]] = field(default_factory=dict)  # evaluation: name → noisy counts
 
     @property
     def name(self) -> str:
@@ -188,18 +190,29 @@ class Coordinator:
     ) -> dict[str, Any]:
         cfg = self.cfg
         nodes = self._sample(cfg.fraction_evaluate, cfg.min_evaluate_nodes)
-        replies = [
-            r for r in self.federation.evaluate(nodes, adapter, cfg, server_round) if r.status == "evaluated"
+        answered = [
+            r
+            for r in self.federation.evaluate(nodes, adapter, cfg, server_round)
+            if r.status in (EVALUATED, REFUSED)  # a merchant may refuse: its budget, its evaluation limit
         ]
+        replies = [r for r in answered if r.status == EVALUATED]
         if not replies:
             raise NoMerchantTrainedError(f"round {server_round}: no merchant returned an evaluation")
-        for r in replies:  # evaluation also reports each merchant's current epsilon
+        for r in answered:  # evaluation also reports each merchant's current epsilon
             entry = self.last_status.setdefault(r.name, {"status": "-"})
             entry.update(epsilon=r.metrics.get("epsilon"), delta=r.metrics.get("delta"))
+        pooled, own = pool_evaluations({r.name: r.histograms for r in replies}, cfg.task_spec.num_labels)
+        for r in answered:
+            if r.name not in merchants and server_round > 0:
+                continue  # a row lists this round's trainers (and, in round 0, every evaluator)
+            entry = merchants.setdefault(r.name, {"status": EVALUATED})
+            entry.update(own.get(r.name, {}))
+            entry["evaluation"] = {"status": r.status, **entry.get("evaluation", {})}
         row = {
             "round": server_round,
             "time_s": round(time.monotonic() - t0, 3),
-            "global": weighted_metrics([r.metrics for r in replies], GLOBAL_KEYS),
+            # replies without histograms (test federations) are averaged, weighted by examples
+            "global": pooled or weighted_metrics([r.metrics for r in replies], GLOBAL_KEYS),
             "merchants": merchants,
         }
         self.metrics.write(row)

@@ -9,7 +9,11 @@ import torch
 
 from shared.adapters import AdapterState, load_adapter
 from shared.config import RunConfig
+from shared.fileio import atomic_write_json
 from shared.model import resolve_backbone
+
+RUN_CONFIG_FILE = "run-config.json"
+"""The run config (kebab-case keys) beside the adapter in `final/`."""
 
 
 def export_final(
@@ -25,6 +29,8 @@ def export_final(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))  # type: ignore[operator]
     (folder / "README.md").write_text(model_card(cfg, last_row, epsilons), encoding="utf-8")
+    # machine-readable: predict and the merged export read task, labels, backbone, pooling from it
+    atomic_write_json(folder / RUN_CONFIG_FILE, cfg.to_record())
     return folder
 
 

@@ -1,18 +1,30 @@
-"""`metrics.jsonl` (one JSON object per round) and the compact console table.
+"""`metrics.jsonl` (one JSON object per round), the compact console table, and pooled evaluation.
 
-Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", "auc"?, "loss",
-"examples"}, "merchants": {id: {"status", "epsilon", "delta", "examples", "train_loss", "bytes_up"}}}.
-Round 0 is the evaluation of the initial, untrained adapter.
+Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", "auc"?, "loss"?,
+"examples", "local_baseline"?: {…}}, "merchants": {id: {"status", "epsilon", "delta", "examples",
+"train_loss", "bytes_up", "evaluation": {"status", "accuracy", …}, "local_baseline"?: {…}}}}.
+Round 0 is the evaluation of the initial, untrained adapter (its merchants have status "evaluated").
+
+"global" is computed from the *sum* of every merchant's noisy histograms (`shared.histograms`): the
+pooled AUC over all held-out customers, not a mean of per-merchant AUCs. Each merchant's
+"evaluation" comes from its own noisy histogram alone, so it is much noisier than the pooled one.
+`local_baseline` (each merchant's counts logistic regression, sent once per run) is pooled the same way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
+
+log = logging.getLogger(__name__)
 
 GLOBAL_KEYS = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss")
 
@@ -75,3 +87,33 @@ def format_row(row: dict[str, Any]) -> str:
         f"{_fmt(g.get('macro_f1'), 8)} {_fmt(g.get('auc'), 6)} {_fmt(g.get('loss'), 7)} "
         f"{_fmt(max(eps) if eps else None, 6, 2)} {_fmt(row['time_s'], 7, 1)}"
     )
+
+
+def pool_evaluations(
+    reports: Mapping[str, Mapping[str, Sequence[float]]], num_labels: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(pooled, per merchant) metrics from each merchant's histograms (`name → flat counts`).
+
+    pooled: the model's metrics from the summed model histograms, plus `local_baseline` (the summed
+    baseline histograms' metrics) when any merchant sent one; empty when no merchant sent a model
+    histogram. Per merchant: `evaluation` and `local_baseline` from its own histograms. A histogram
+    of the wrong size (the server knows the shape from the task, never takes it from the sender) is
+    left out with a warning.
+    """
+    totals: dict[str, Histogram] = {}
+    own: dict[str, dict[str, Any]] = {}
+    for merchant, histograms in sorted(reports.items()):
+        for name, values in sorted(histograms.items()):
+            try:
+                histogram = Histogram.from_values(values, num_labels)
+            except ValueError as err:
+                log.warning("histogram %s of %s left out: %s", name, merchant, err)
+                continue
+            totals[name] = totals[name] + histogram if name in totals else histogram
+            own.setdefault(merchant, {})["evaluation" if name == MODEL else name] = histogram.metrics()
+    if MODEL not in totals:
+        return {}, own
+    pooled: dict[str, Any] = totals[MODEL].metrics()
+    if LOCAL_BASELINE in totals:
+        pooled[LOCAL_BASELINE] = totals[LOCAL_BASELINE].metrics()
+    return pooled, own

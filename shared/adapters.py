@@ -1,4 +1,4 @@
-"""The only place that knows which tensors may leave a merchant: LoRA matrices and the head.
+"""The only place that knows which tensors may leave a merchant: the trained LoRA matrices and the head.
 
 `AdapterSpec` lists the adapter keys with their shapes; `outgoing_guard` refuses any state that is not
 exactly those keys, shapes and floating dtypes (base weights, embeddings, anything extra).
@@ -65,10 +65,24 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
+FROZEN_PARTS = "fedbehavior_frozen_parts"
+"""Attribute `shared.model.build_model` sets on a model: substrings of the adapter keys it keeps
+frozen (`("lora_",)` head-only, `("lora_A",)` FFA-LoRA). A model without it (a PEFT folder loaded
+for inference) has every adapter tensor in its adapter."""
+
+
 def extract_adapter(model: torch.nn.Module) -> AdapterState:
-    """A detached CPU float32 copy of the adapter (PEFT's state dict shares memory with the model)."""
-    state = get_peft_model_state_dict(_unwrap(model))
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+    """A detached CPU float32 copy of the adapter (PEFT's state dict shares memory with the model).
+    Frozen adapter tensors (all LoRA matrices in head-only mode, A in FFA-LoRA) are the same
+    everywhere by construction, so they are neither sent nor expected."""
+    inner = _unwrap(model)
+    frozen = tuple(getattr(inner, FROZEN_PARTS, ()))
+    state = get_peft_model_state_dict(inner)
+    return {
+        k: v.detach().to("cpu", torch.float32).clone()
+        for k, v in state.items()
+        if not any(part in k for part in frozen)
+    }
 
 
 def load_adapter(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

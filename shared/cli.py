@@ -73,7 +73,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         return 0
     data = json.loads(path.read_text(encoding="utf-8"))
     history = [Charge.from_json(h) for h in data["history"]]
-    eps = epsilon_of(history, float(data["delta"]))
+    eps = epsilon_of(history, float(data["delta"]), accountant=str(data.get("accountant", "rdp")))
     print(
         f"merchant {data['merchant_id']}: ε = {eps:.3f} of max {data['max_epsilon']} at δ = {data['delta']} "
         f"({data['accountant']} accountant, privacy unit: {data['privacy_unit']})"
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_preview_cli(merchant)
     add_merchant_daemon_cli(merchant)
     add_coordinator_cli(sub)
+    from client.predict import add_predict_cli
+    from server.hf_export import add_export_cli
+    from server.report import add_report_cli
+
+    add_predict_cli(sub)
+    add_export_cli(sub)
+    add_report_cli(sub)
     return parser
 
 

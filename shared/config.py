@@ -106,6 +106,14 @@ class RunConfig(BaseModel):
     examples_per_customer: int = Field(
         4, ge=1, le=64, description="sessions of a sampled customer summed into its one clipped gradient"
     )
+    trainable: str = Field(
+        "lora+head",
+        pattern="^(lora\\+head|head)$",
+        description="head = DP linear probe (LoRA frozen, not sent)",
+    )
+    lora_mode: str = Field(
+        "lora", pattern="^(lora|ffa)$", description="ffa = FFA-LoRA: A frozen at a seed-derived init, B sent"
+    )
     round_timeout: float = Field(
         0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
     )
@@ -192,5 +200,11 @@ class RunConfig(BaseModel):
     def lora(self) -> LoraSpec:
         modules = tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
         return LoraSpec(
-            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=modules
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=modules,
+            trainable=self.trainable,
+            mode=self.lora_mode,
+            ffa_seed=self.seed,
         )

