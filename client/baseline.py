@@ -135,12 +135,13 @@ def baseline_probabilities(
     noise_multiplier: float,
     l2: float = DEFAULT_L2,
     seed: int | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out class probabilities of the counts logistic regression fitted on `train` (one
-    example per customer) and perturbed with noise multiplier `noise_multiplier`."""
+    example per customer): (perturbed with noise multiplier `noise_multiplier`, the one that may be
+    released; exact, for the merchant's own log only)."""
     if len({c.customer_id for c in train}) != len(train):
         raise ValueError("the baseline's training set must hold one example per customer (its privacy unit)")
     labels = np.asarray([c.label for c in train], dtype=np.int64)
     model = LogisticRegression.fit(role_counts(train), labels, num_classes=num_classes, l2=l2)
-    noisy = model.perturbed(noise_multiplier, l2=l2, seed=seed)
-    return noisy.predict_proba(role_counts(held_out))
+    x = role_counts(held_out)
+    return model.perturbed(noise_multiplier, l2=l2, seed=seed).predict_proba(x), model.predict_proba(x)

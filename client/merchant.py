@@ -397,9 +397,10 @@ def evaluate_round(
     probs, _ = predict(model, encoder.encode(held_out), batch_size=max(cfg.batch_size, 64), device=device)
     labels = np.asarray([c.label for c in held_out], dtype=np.int64)
     results = {MODEL: HeldOut(labels, probs)}
+    private: dict[str, HeldOut] = {}  # for the merchant's own log only
     if with_baseline:
         train = one_per_customer(data.train_candidates, data.train_customers, round_seed="baseline")
-        noisy = baseline_probabilities(
+        noisy, exact = baseline_probabilities(
             train,
             held_out,
             cfg.task_spec.num_labels,
@@ -407,6 +408,8 @@ def evaluate_round(
             seed=seed,
         )
         results[LOCAL_BASELINE] = HeldOut(labels, noisy)
-    log_locally(settings.state_dir, {"run_id": run_id, "round": server_round, **exact_metrics(results)})
+        private[f"{LOCAL_BASELINE}_nonprivate"] = HeldOut(labels, exact)
+    record = {"run_id": run_id, "round": server_round, **exact_metrics({**results, **private})}
+    log_locally(settings.state_dir, record)
     histograms = noisy_histograms(results, settings.eval_noise_multiplier, seed=seed)
     return EvalOutcome(EVALUATED, settings.merchant_id, ledger.epsilon, ledger.delta, histograms)

@@ -64,8 +64,8 @@ class MerchantSettings(FileSettings):
         gt=0.0,
         description="σ of the Gaussian noise on every released evaluation count (sensitivity 1): one "
         "evaluation alone costs ε 0.19 at δ 1e-6; a 3-round run's six releases raise training σ by 2% "
-        "at max-epsilon 2 and 0.1% at 8 (PLD). Lower it (e.g. 5) for usable per-round AUCs on a few "
-        "hundred held-out customers, where the budget allows",
+        "at max-epsilon 2 and 0.1% at 8 (PLD). Lower it (e.g. 5: +2% training σ at max-epsilon 8) for "
+        "less noisy pooled metrics where the budget allows",
     )
     max_evaluations_per_run: int = Field(
         11, ge=0, description="evaluations answered per run; beyond it the merchant refuses (refused-budget)"

@@ -92,7 +92,10 @@ def test_perturbation_noise_has_std_sigma_l_over_lambda() -> None:
 def test_baseline_learns_and_refuses_two_examples_of_one_customer() -> None:
     train = [candidate(f"b{i}", ["view"] * (1 + i % 3) + ["search"] * (i % 2), i % 2) for i in range(60)]
     held_out = [candidate("h0", ["view", "search"]), candidate("h1", ["view"])]
-    probs = baseline_probabilities(train, held_out, 2, noise_multiplier=1e-6, seed=0)
-    assert probs.shape == (2, 2) and probs[0, 1] > probs[1, 1]  # searchers bought in training
+    noisy, exact = baseline_probabilities(train, held_out, 2, noise_multiplier=1e-6, seed=0)
+    assert exact.shape == (2, 2) and exact[0, 1] > exact[1, 1]  # searchers bought in training
+    np.testing.assert_allclose(noisy, exact, atol=1e-5)  # σ ≈ 0: the perturbation vanishes
+    noisy, _ = baseline_probabilities(train, held_out, 2, noise_multiplier=50.0, seed=0)
+    assert not np.allclose(noisy, exact, atol=1e-2)
     with pytest.raises(ValueError, match="one example per customer"):
         baseline_probabilities([train[0], train[0]], held_out, 2, noise_multiplier=1.0)

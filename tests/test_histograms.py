@@ -17,22 +17,33 @@ def probs_of(p1: list[float] | np.ndarray) -> np.ndarray:
     return np.stack([1 - p, p], axis=1)
 
 
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
 def test_hand_checked_binary_case() -> None:
     labels = [0, 0, 1, 1, 1]
     p1 = [0.1, 0.6, 0.3, 0.8, 0.99]
-    h = Histogram.of(labels, probs_of(p1), bins=4)  # bins [0, .25) [.25, .5) [.5, .75) [.75, 1]
-    np.testing.assert_array_equal(h.counts, [[1, 0, 1, 0], [0, 1, 0, 2]])
+    # 12 bins of width 1 on the logit grid [-6, 6]: logits -2.20, 0.41, -0.85, 1.39, 4.60
+    h = Histogram.of(labels, probs_of(p1), bins=12)
+    expected = np.zeros((2, 12))
+    expected[0, [3, 6]] = 1
+    expected[1, [5, 7, 10]] = 1
+    np.testing.assert_array_equal(h.counts, expected)
     m = h.metrics()
-    # pairs (positive above negative): 0.3 > 0.1; 0.8 and 0.99 above both → 5 of 3·2
+    # pairs (positive above negative): 0.3 > 0.1; 0.8 and 0.99 above both → 5 of 3·2, no ties
     assert m["auc"] == pytest.approx(5 / 6) == pytest.approx(roc_auc_score(labels, p1))
     assert m["accuracy"] == pytest.approx(3 / 5)  # predicted 1 iff p ≥ 0.5: 0, 1, 0, 1, 1
     assert m["macro_f1"] == pytest.approx((2 * 1 / (2 + 1 + 1) + 2 * 2 / (4 + 1 + 1)) / 2)
-    centre = np.array([0.125, 0.375, 0.625, 0.875])
-    expected_loss = -(
-        np.log(1 - centre[0]) + np.log(1 - centre[2]) + np.log(centre[1]) + 2 * np.log(centre[3])
-    )
-    assert m["loss"] == pytest.approx(expected_loss / 5)
+    # cross-entropy at the bin centres' logits -2.5, 0.5 (label 0) and -0.5, 1.5, 4.5 (label 1)
+    loss = softplus(-2.5) + softplus(0.5) + softplus(0.5) + softplus(-1.5) + softplus(-4.5)
+    assert m["loss"] == pytest.approx(loss / 5)
     assert m["examples"] == 5
+
+
+def test_logits_beyond_the_grid_go_to_the_outer_bins() -> None:
+    h = Histogram.of([0, 1, 1], probs_of([0.0, 1.0, 0.5 + 1e-9]), bins=4)
+    np.testing.assert_array_equal(h.counts, [[1, 0, 0, 0], [0, 0, 1, 1]])
 
 
 def test_ties_inside_a_bin_count_half() -> None:
@@ -69,7 +80,8 @@ def test_pooled_auc_equals_sklearn_on_pooled_scores_within_binning_error(seed: i
 def test_auc_is_exact_for_scores_constant_inside_bins() -> None:
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 300)
-    s = (rng.integers(0, 10, 300) + 0.5) / 10 + 0.0 * y  # bin centres of 10 bins: ties only within bins
+    logit = -6 + (rng.integers(0, 10, 300) + 0.5) * 1.2  # bin centres of 10 bins: ties only within bins
+    s = 1 / (1 + np.exp(-logit))
     assert Histogram.of(y, probs_of(s), bins=10).metrics()["auc"] == pytest.approx(roc_auc_score(y, s))
 
 
@@ -90,7 +102,7 @@ def test_confusion_metrics_match_sklearn(seed: int) -> None:
 
 def test_noise_is_gaussian_with_std_sigma_and_fresh_by_default() -> None:
     y = np.zeros(10, dtype=int)
-    h = Histogram.of(y, probs_of(np.full(10, 0.2)), bins=20000)
+    h = Histogram.of(y, probs_of(np.full(10, 0.2)), bins=20000)  # 40,000 cells, ten of them non-zero
     noisy = h.noised(5.0, seed=1)
     diff = (noisy.counts - h.counts).ravel()
     assert abs(diff.mean()) < 0.1 and diff.std() == pytest.approx(5.0, rel=0.03)
@@ -115,10 +127,10 @@ def test_wire_form_round_trips_and_the_server_keeps_its_own_shape() -> None:
     h = Histogram.of([0, 1, 1], probs_of([0.2, 0.7, 0.9])).noised(1.0, seed=2)
     back = Histogram.from_values(h.to_values(), num_labels=2)
     np.testing.assert_array_equal(back.counts, h.counts)
-    with pytest.raises(ValueError, match="has 20 values"):
+    with pytest.raises(ValueError, match="has 48 values"):
         Histogram.from_values([1.0] * 21, num_labels=2)
     with pytest.raises(ValueError, match="finite"):
-        Histogram.from_values([math.nan] * 20, num_labels=2)
+        Histogram.from_values([math.nan] * 48, num_labels=2)
     with pytest.raises(ValueError, match="cannot pool"):
         _ = h + Histogram.of([0, 1, 2], np.eye(3))
     with pytest.raises(ValueError, match="even"):

@@ -74,7 +74,7 @@ def local_dp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One merchant's round of customer-level DP-SGD on a softmax head (closed-form per-example grads)."""
     customers = int(owner.max()) + 1
-    plan = StepPlan.of(customers, s["batch"], 1)
+    plan = StepPlan.of(customers, s["batch"], s.get("epochs", 1))
     w, b = w.clone().requires_grad_(False), b.clone()
     opt_state: dict[str, Any] = {
         "m": [torch.zeros_like(w), torch.zeros_like(b)],
@@ -144,7 +144,7 @@ def run(
             )
             index: dict[str, int] = {}
             owner = torch.tensor([index.setdefault(c.customer_id, len(index)) for c in chosen])
-            plan = StepPlan.of(len(index), s["batch"], 1)
+            plan = StepPlan.of(len(index), s["batch"], s.get("epochs", 1))
             sigma = _sigma(plan.sample_rate, plan.steps, rounds, eps)
             x, y = bank.of(chosen)
             updates.append((local_dp(w, b, x, y, owner, s, sigma), len(chosen)))
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merchants", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/head-sweep"))
     parser.add_argument("--eps", default="8")
+    parser.add_argument("--features", default="raw,l2", help="head input: raw mean pooling, l2-normalised")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
@@ -183,18 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"constant_loss": round(log_loss(held[1].numpy(), np.full(len(held[1]), base)), 4)}),
         flush=True,
     )
+    raw = bank.feats
     grid = itertools.product(
         [float(e) for e in args.eps.split(",")],
-        [("adam", 0.03), ("adam", 0.01), ("adam", 0.003), ("sgd", 1.0), ("sgd", 3.0), ("sgd", 10.0)],
-        [0.5, 2.0],
-        [64, 256],
-        [1, 4],
+        args.features.split(","),
+        [("adam", 0.03), ("adam", 0.1), ("sgd", 3.0)],
+        [0.5, 1.0],
+        [64],
+        [4],
+        [1],
     )
-    for eps, (opt, lr), clip, batch, k in grid:
-        s = {"opt": opt, "lr": lr, "clip": clip, "batch": batch}
+    for eps, norm, (opt, lr), clip, batch, k, epochs in grid:
+        # "l2": the head reads the unit-length embedding, as sentence-transformers' MiniLM is trained
+        bank.feats = raw if norm == "raw" else torch.nn.functional.normalize(raw, dim=1)
+        held = bank.of([c for m in merchants for c in m.data.evaluation()])
+        s = {"opt": opt, "lr": lr, "clip": clip, "batch": batch, "epochs": epochs}
         torch.manual_seed(1)
         result = run(merchants, bank, held, s, eps, k, cfg.num_rounds)
-        print(json.dumps({"eps": eps, **s, "k": k, **result}), flush=True)
+        print(json.dumps({"eps": eps, "features": norm, **s, "k": k, **result}), flush=True)
     return 0 if math.isfinite(base) else 1
 
 
