@@ -10,7 +10,7 @@ import torch
 from shared.adapters import AdapterState, load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
-from shared.model import resolve_backbone
+from shared.model import MEAN_POOLINGS, POOLING, resolve_backbone
 
 RUN_CONFIG_FILE = "run-config.json"
 """The run config (kebab-case keys) beside the adapter in `final/`."""
@@ -34,13 +34,17 @@ def export_final(
     return folder
 
 
-_POOLED = {"mean": "attention-masked mean of the last hidden states", "cls": "pooled [CLS] vector"}
+_POOLED = {
+    "mean-l2": "attention-masked mean of the last hidden states, scaled to unit length",
+    "mean": "attention-masked mean of the last hidden states",
+    "cls": "pooled [CLS] vector",
+}
 
 
 def _base_class(cfg: RunConfig) -> str:
     return (
-        "shared.model.MeanPoolingBertForSequenceClassification"
-        if cfg.pooling == "mean"
+        f"shared.model.{POOLING[cfg.pooling].__name__}"
+        if cfg.pooling in MEAN_POOLINGS
         else "BertForSequenceClassification"
     )
 

@@ -20,6 +20,7 @@ from typing import Any
 import server.modeling_fedbehavior as modeling
 from server.provenance import privacy_record, provenance_markdown
 from shared.config import RunConfig
+from shared.model import MEAN_POOLINGS
 from shared.trained import ADAPTER_CONFIG, EXPORT_KEY, load_trained, quietly, read_run_config
 
 MODELING_FILE = "modeling_fedbehavior.py"
@@ -79,7 +80,8 @@ def merge_to(final: Path, out: Path, cfg: RunConfig) -> None:
     config_path = out / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config[EXPORT_KEY] = {k: v for k, v in cfg.to_record().items() if k in EXPORT_CONFIG_KEYS}
-    if cfg.pooling == "mean":  # no stock class pools this way: ship the code (see modeling_fedbehavior)
+    if cfg.pooling in MEAN_POOLINGS:  # no stock class pools this way: ship the code (modeling_fedbehavior)
+        config["normalize_pooled"] = cfg.pooling == "mean-l2"
         shutil.copyfile(modeling.__file__, out / MODELING_FILE)
         module = MODELING_FILE.removesuffix(".py")
         config["model_type"] = modeling.FedBehaviorBertConfig.model_type
@@ -109,10 +111,10 @@ def _loading(cfg: RunConfig, adapter_only: bool) -> list[str]:
         "`config.json`), so loading needs `trust_remote_code=True`. Read that file before trusting it. "
         "Its config has its own model type, so a load without the flag fails instead of quietly using "
         "[CLS] pooling; the tokenizer is a stock BERT tokenizer (the flag only spares its config prompt)."
-        if cfg.pooling == "mean"
+        if cfg.pooling in MEAN_POOLINGS
         else "The head reads the pooled [CLS] vector: a stock `BertForSequenceClassification`."
     )
-    flag = ", trust_remote_code=True" if cfg.pooling == "mean" else ""
+    flag = ", trust_remote_code=True" if cfg.pooling in MEAN_POOLINGS else ""
     return [
         "LoRA merged into the backbone, classifier head included; needs only torch and transformers.",
         "",

@@ -48,6 +48,8 @@ class FedBehaviorBertForSequenceClassification(BertForSequenceClassification):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         # padding positions count neither in the sum nor in the divisor
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if getattr(self.config, "normalize_pooled", False):  # pooling "mean-l2": unit-length embedding
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
         logits = self.classifier(self.dropout(pooled))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -79,12 +79,16 @@ class RunConfig(BaseModel):
     min_available_nodes: int = Field(2, ge=1)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(0.03, gt=0.0, description="the head's AdamW rate")
+    learning_rate: float = Field(0.1, gt=0.0, description="the head's AdamW rate")
     lora_learning_rate: float = Field(0.001, ge=0.0, description="LoRA matrices' rate; 0 = learning-rate")
-    max_grad_norm: float = Field(0.5, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
     noise_multiplier: float = Field(0.0, ge=0.0, description="server's suggestion; 0 = merchant calibrates")
     max_length: int = Field(48, ge=8, le=512)
-    pooling: str = Field("mean", pattern="^(mean|cls)$", description="head input: masked mean or [CLS]")
+    pooling: str = Field(
+        "mean-l2",
+        pattern="^(mean-l2|mean|cls)$",
+        description="head input: unit-length masked mean (default), raw masked mean, or [CLS]",
+    )
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -101,6 +101,8 @@ class MeanPoolingBertForSequenceClassification(BertForSequenceClassification):
     adapter keys are the same as the parent class's.
     """
 
+    normalize = False  # `NormalizedMeanPooling…` sets it
+
     def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor | None = None,
@@ -116,12 +118,32 @@ class MeanPoolingBertForSequenceClassification(BertForSequenceClassification):
             attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
         logits = self.classifier(self.dropout(pooled))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-POOLING = {"mean": MeanPoolingBertForSequenceClassification, "cls": BertForSequenceClassification}
+class NormalizedMeanPoolingBertForSequenceClassification(MeanPoolingBertForSequenceClassification):
+    """Mean pooling scaled to unit length: the sentence embedding sentence-transformers' MiniLM is
+    trained to produce (its last module normalises).
+
+    Why (measured, `simulations/experiments/head_sweep.py`, 5 merchants of a real clickstream,
+    ε = 8): the raw mean's norm varies with the text, so each customer's gradient norm does too and
+    clipping discards most of it; with unit-length inputs the head's per-example gradient is bounded
+    by |p − y|·√2, the clip keeps its direction and the bias learns the base rate. The global loss
+    went from 0.42–1.9 (raw) to 0.36–0.38 (constant predictor: 0.363) at the same AUC or better."""
+
+    normalize = True
+
+
+POOLING = {
+    "mean-l2": NormalizedMeanPoolingBertForSequenceClassification,
+    "mean": MeanPoolingBertForSequenceClassification,
+    "cls": BertForSequenceClassification,
+}
+MEAN_POOLINGS = ("mean-l2", "mean")
 
 
 def build_model(
@@ -131,7 +153,7 @@ def build_model(
     lora: LoraSpec,
     device: torch.device | str = "cpu",
     init_seed: int = 0,
-    pooling: str = "mean",
+    pooling: str = "mean-l2",
 ) -> PeftModel:
     """Backbone + LoRA + classifier head; only LoRA matrices (those `lora` trains) and the head are
     trainable.

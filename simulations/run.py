@@ -6,6 +6,7 @@ then reads its own folder through the same code path as a deployed merchant daem
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Any
 from server.app import build_server_app, resolve_paths
 from server.metrics import MetricsLog
 from shared.config import RunConfig
+from simulations.exact import exact_rounds, format_table
 from simulations.generator import ensure_merchant
 
 log = logging.getLogger(__name__)
@@ -64,4 +66,13 @@ def simulate(
             f"simulation did not complete: {len(rows)} of {cfg.num_rounds + 1} metric rows "
             f"in {run_dir}; see the log above"
         )
+    exact = exact_rounds(
+        (Path(cfg.sim_root) / f"merchant-{i}" for i in range(merchants)),
+        cfg.run_name,
+        cfg.task_spec.num_labels,
+    )
+    if exact:
+        with (run_dir / "exact-metrics.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in exact)
+        print(format_table(exact), flush=True)
     return run_dir

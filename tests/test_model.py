@@ -8,8 +8,9 @@ import torch
 from shared.model import LoraSpec, build_model, load_tokenizer
 
 
-def test_mean_pooling_ignores_padding(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=3, lora=LoraSpec(r=2))
+@pytest.mark.parametrize("pooling", ["mean-l2", "mean"])
+def test_mean_pooling_ignores_padding(tiny_bert: str, pooling: str) -> None:
+    model = build_model(tiny_bert, num_labels=3, lora=LoraSpec(r=2), pooling=pooling)
     model.eval()
     tok = load_tokenizer(tiny_bert)
     short = tok(["view iphone 12 手机 5999"], return_tensors="pt")
@@ -19,12 +20,16 @@ def test_mean_pooling_ignores_padding(tiny_bert: str) -> None:
         b = model(**padded).logits
         hidden = model.base_model.model.bert(**padded).last_hidden_state
         mask = padded["attention_mask"].unsqueeze(-1).float()
-        manual = model.base_model.model.classifier((hidden * mask).sum(1) / mask.sum(1))
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        if pooling == "mean-l2":  # the default: unit length, as sentence-transformers' MiniLM
+            pooled = pooled / pooled.norm(dim=1, keepdim=True)
+            assert not torch.allclose(pooled, (hidden * mask).sum(1) / mask.sum(1))
+        manual = model.base_model.model.classifier(pooled)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b, manual, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean-l2", "mean", "cls"])
 def test_only_lora_and_head_are_trainable(tiny_bert: str, pooling: str) -> None:
     model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2), pooling=pooling)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -43,7 +43,7 @@ def metrics_rows() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def make_run(root: Path, backbone: str, *, task: str = "purchase-intent", pooling: str = "mean") -> Path:
+def make_run(root: Path, backbone: str, *, task: str = "purchase-intent", pooling: str = "mean-l2") -> Path:
     """Write `root/final/` and `root/metrics.jsonl` of a two-round run; return `root`."""
     cfg = RunConfig.parse(
         {"backbone": backbone, "task": task, "pooling": pooling, "num-rounds": 2, "max-length": 32}
