@@ -71,7 +71,7 @@ def test_clipped_per_customer_gradient_equals_an_explicit_loop(tiny_bert: str) -
     data = encode(tiny_bert, 9)
     groups = [2, 0, 0, 1, 2, 2, 3, 0, 1]  # interleaved, and split across chunks of 3
     grads = per_example_grads(model, data)
-    clip = 2.0
+    clip = 0.5  # between the customers' norms (unit-length pooling keeps gradients small)
     expected, norms = loop_clipped_sum(grads, groups, clip)
     assert min(norms) < clip < max(norms), f"need clipped and unclipped customers, norms {norms}"
     got = module_clipped_sum(model, data, torch.tensor(groups), clip)
