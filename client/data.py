@@ -233,3 +233,36 @@ class Encoder:
             attention_mask=batch["attention_mask"],
             labels=torch.tensor([c.label for c in candidates], dtype=torch.long),
         )
+
+
+def load_merchant_data(
+    data_dir: Path,
+    quarantine_dir: Path,
+    task: TaskSpec,
+    *,
+    eval_fraction: float,
+    salt: str,
+    split: str = "customer",
+    cutoff: datetime | None = None,
+    require_both: bool = True,
+) -> MerchantData:
+    """Events (and, for customer-label, the merchant's labels) of `data_dir`, validated with bad rows
+    quarantined to `quarantine_dir`, built into `task`'s split examples: what training and preview see."""
+    from client.labels import find_labels, load_labels
+
+    events, report = load_events(data_dir, quarantine_dir)
+    labels = None
+    if task.name == "customer-label":
+        labels, label_report = load_labels(find_labels(data_dir), events, task.labels, quarantine_dir)
+        log.info("%s: %d of %d label rows used", salt, label_report.good, label_report.total)
+    return MerchantData.build(
+        events,
+        task,
+        eval_fraction=eval_fraction,
+        salt=salt,
+        report=report,
+        split=split,
+        cutoff=cutoff,
+        labels=labels,
+        require_both=require_both,
+    )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from client.baseline import baseline_probabilities
-from client.data import Encoder, MerchantData, load_events
+from client.data import Encoder, MerchantData, load_merchant_data
 from client.evaluation import (
     BASELINE_RELEASES,
     EvaluationCounter,
@@ -31,7 +31,6 @@ from client.evaluation import (
     planned_charges,
     release_charge,
 )
-from client.labels import find_labels, load_labels
 from client.round_checks import check_run_cap, delta_problem, incoming_problem, run_epsilon_target
 from client.settings import MerchantSettings
 from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
@@ -100,21 +99,10 @@ def cached_data(
     split: str,
     cutoff: datetime | None = None,
 ) -> MerchantData:
-    events, report = load_events(data_dir, state_dir)
-    labels = None
-    if task.name == "customer-label":
-        labels, label_report = load_labels(find_labels(data_dir), events, task.labels, state_dir)
-        log.info("%s: %d of %d label rows used", salt, label_report.good, label_report.total)
-    data = MerchantData.build(
-        events,
-        task,
-        eval_fraction=eval_fraction,
-        salt=salt,
-        report=report,
-        split=split,
-        cutoff=cutoff,
-        labels=labels,
+    data = load_merchant_data(
+        data_dir, state_dir, task, eval_fraction=eval_fraction, salt=salt, split=split, cutoff=cutoff
     )
+    report = data.load_report
     log.info(
         "%s: %d events (%d quarantined), %d train / %d held-out customers",
         salt,

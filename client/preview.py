@@ -28,28 +28,23 @@ def _data_folder(folder: Path) -> tuple[Path, str]:
 
 def preview(folder: Path, cfg: RunConfig, *, limit: int = 5, eval_fraction: float = 0.2) -> dict[str, Any]:
     """Examples as the model sees them: text, label, customer, session, split, token count."""
-    from client.data import Encoder, MerchantData, load_events
-    from client.labels import find_labels, load_labels
+    from client.data import Encoder, load_merchant_data
     from shared.model import load_tokenizer
 
     data_dir, merchant_id = _data_folder(folder)
     task = cfg.task_spec
     with tempfile.TemporaryDirectory() as scratch:  # quarantine files go here, not to the merchant
-        events, report = load_events(data_dir, Path(scratch))
-        labels = None
-        if task.name == "customer-label":
-            labels, _ = load_labels(find_labels(data_dir), events, task.labels, Path(scratch))
-        data = MerchantData.build(
-            events,
+        data = load_merchant_data(
+            data_dir,
+            Path(scratch),
             task,
             eval_fraction=eval_fraction,
             salt=merchant_id,
-            report=report,
             split=cfg.eval_split,
             cutoff=cfg.eval_cutoff_time,
-            labels=labels,
             require_both=False,  # a preview of a small sample may have no held-out customer yet
         )
+    report = data.load_report
     tokenizer = load_tokenizer(cfg.backbone)
     encoder = Encoder(tokenizer, cfg.max_length)
     shown = []
