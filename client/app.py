@@ -27,7 +27,7 @@ app = ClientApp()
 def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
     if "partition-id" in context.node_config and cfg.sim_root:
         # Simulated merchant: materialise its synthetic shop on first use, in its own folder.
-        from simulations.generator import ensure_merchant
+        from shared.synthetic import ensure_merchant
 
         pid = int(context.node_config["partition-id"])
         ensure_merchant(

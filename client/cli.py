@@ -1,4 +1,5 @@
-"""`fedbehavior merchant init|trust|start|stop`: the merchant's daemon (a Flower SuperNode)."""
+"""The merchant's commands: `fedbehavior merchant …` (ingest, preview, validate-data, budget and the
+daemon: init, trust, start, stop) and `fedbehavior predict`."""
 
 from __future__ import annotations
 
@@ -101,6 +102,55 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace) -> int:
+    """Show a merchant's privacy ledger: its epsilon now and every charge."""
+    import json
+
+    from shared.privacy.accounting import Charge, epsilon_of
+
+    path = Path(args.ledger)
+    if (path / "merchant.toml").exists():
+        from client.settings import MerchantSettings
+
+        path = MerchantSettings.from_merchant_dir(path).ledger_path
+    if path.is_dir():
+        path = (
+            path / "privacy-ledger.json"
+            if (path / "privacy-ledger.json").exists()
+            else path / "state" / "privacy-ledger.json"
+        )
+    if not path.exists():
+        print(f"no ledger at {path}: this merchant has not trained yet (ε = 0)")
+        return 0
+    data = json.loads(path.read_text(encoding="utf-8"))
+    history = [Charge.from_json(h) for h in data["history"]]
+    eps = epsilon_of(history, float(data["delta"]), accountant=str(data.get("accountant", "rdp")))
+    print(
+        f"merchant {data['merchant_id']}: ε = {eps:.3f} of max {data['max_epsilon']} at δ = {data['delta']} "
+        f"({data['accountant']} accountant, privacy unit: {data['privacy_unit']})"
+    )
+    print(f"{'run':<36} {'round':>5} {'σ':>7} {'q':>8} {'steps':>6} {'clip':>5}")
+    for h in history:
+        print(
+            f"{h.run_id:<36} {h.round:>5} {h.noise_multiplier:>7.3f} {h.sample_rate:>8.4f} {h.steps:>6} "
+            f"{h.max_grad_norm:>5}"
+        )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a merchant's events, quarantining bad rows; exit 1 when any row was quarantined."""
+    from client.data import load_events
+    from client.settings import MerchantSettings
+
+    settings = MerchantSettings.from_merchant_dir(Path(args.merchant_dir))
+    _, report = load_events(settings.data_dir, settings.state_dir)
+    print(f"{report.total} rows: {report.good} good, {report.quarantined} quarantined")
+    for reason, count in sorted(report.reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:>7}  {reason}")
+    return 0 if report.quarantined == 0 else 1
+
+
 def add_merchant_daemon_cli(merchant: Any) -> None:
     init = merchant.add_parser("init", help="create merchant.toml and an authentication key pair")
     init.add_argument("merchant_dir")
@@ -136,3 +186,25 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
     stop = merchant.add_parser("stop", help="stop this merchant's daemon")
     stop.add_argument("merchant_dir")
     stop.set_defaults(func=cmd_stop)
+
+
+def register(sub: Any) -> None:
+    """Add the merchant's commands to the top-level subparsers: the `merchant` group (ingest, preview,
+    validate-data, budget, init, trust, start, stop) and `predict`."""
+    from client.ingest.cli import add_ingest_cli
+    from client.predict import add_predict_cli
+    from client.preview import add_preview_cli
+
+    merchant = sub.add_parser("merchant", help="merchant tools").add_subparsers(
+        dest="merchant_command", required=True
+    )
+    add_ingest_cli(merchant)
+    add_preview_cli(merchant)
+    validate = merchant.add_parser("validate-data", help="validate events.jsonl and quarantine bad rows")
+    validate.add_argument("merchant_dir")
+    validate.set_defaults(func=cmd_validate)
+    budget = merchant.add_parser("budget", help="show a privacy ledger")
+    budget.add_argument("ledger", help="ledger file, state folder or merchant folder")
+    budget.set_defaults(func=cmd_budget)
+    add_merchant_daemon_cli(merchant)
+    add_predict_cli(sub)

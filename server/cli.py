@@ -1,4 +1,5 @@
-"""`fedbehavior coordinator …`: start the SuperLink, register merchants, launch and follow runs."""
+"""The coordinator's commands: `fedbehavior coordinator …` (start the SuperLink, register merchants,
+launch and follow runs), `fedbehavior export` and `fedbehavior report`."""
 
 from __future__ import annotations
 
@@ -185,3 +186,13 @@ def add_coordinator_cli(sub: Any) -> None:
     stop = csub.add_parser("stop", help="stop the SuperLink (or, with --run, one run)")
     stop.add_argument("--run", default="", help="stop this run only")
     stop.set_defaults(func=cmd_stop)
+
+
+def register(sub: Any) -> None:
+    """Add the coordinator's commands to the top-level subparsers: `coordinator`, `export`, `report`."""
+    from server.hf_export import add_export_cli
+    from server.report import add_report_cli
+
+    add_coordinator_cli(sub)
+    add_export_cli(sub)
+    add_report_cli(sub)

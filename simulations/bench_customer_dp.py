@@ -25,7 +25,7 @@ from client.merchant import resolve_device
 from client.train import DPSettings, TrainSettings, customer_groups, train_dp
 from shared.config import RunConfig
 from shared.model import build_model, load_tokenizer, resolve_backbone
-from simulations.generator import generate_merchant
+from shared.synthetic import generate_merchant
 
 
 def merchants(n: int, customers: int, seed: int, cfg: RunConfig) -> list[MerchantData]:

@@ -21,8 +21,8 @@ from client.data import Encoder, MerchantData, load_events
 from client.merchant import resolve_device
 from client.train import DPSettings, Encoded, TrainSettings, make_optimizer, train_dp
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
+from shared.synthetic import generate_merchant
 from shared.tasks import get_task
-from simulations.generator import generate_merchant
 
 
 def examples(n: int, backbone: str, max_length: int) -> Encoded:

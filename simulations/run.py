@@ -16,8 +16,8 @@ from typing import Any
 from server.app import build_server_app, resolve_paths
 from server.metrics import MetricsLog
 from shared.config import RunConfig
+from shared.synthetic import ensure_merchant
 from simulations.exact import exact_rounds, format_table
-from simulations.generator import ensure_merchant
 
 log = logging.getLogger(__name__)
 

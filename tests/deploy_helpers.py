@@ -16,7 +16,7 @@ from client.trust import AppBundle
 from server.deploy import CoordinatorHome, app_dir
 from shared.daemon import free_port
 from shared.pki import DevCertificates, make_dev_certificates
-from simulations.generator import generate_merchant
+from shared.synthetic import generate_merchant
 
 
 class Deployment:

@@ -16,7 +16,7 @@ from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.histograms import Histogram
 from shared.privacy import Charge, epsilon_of
-from simulations.generator import generate_merchant
+from shared.synthetic import generate_merchant
 
 
 @pytest.fixture

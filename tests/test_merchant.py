@@ -13,7 +13,7 @@ from client.settings import MerchantSettings
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.privacy import Charge, epsilon_of
-from simulations.generator import generate_merchant
+from shared.synthetic import generate_merchant
 
 
 def clear_caches() -> None:

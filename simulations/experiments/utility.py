@@ -331,7 +331,7 @@ def prepare(data: str, merchants: int, out: Path) -> list[Path]:
     """Merchant folders: split from an ingested store by customer hash, or synthetic non-IID shops."""
     root = out / "merchants"
     if data == "synthetic":
-        from simulations.generator import ensure_merchant
+        from shared.synthetic import ensure_merchant
 
         return [ensure_merchant(7, i, root / f"merchant-{i}", base_customers=500) for i in range(merchants)]
     return split_store(Path(data), root, merchants=merchants)
