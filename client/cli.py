@@ -1,5 +1,5 @@
 """The merchant's commands: `fedbehavior merchant …` (ingest, preview, validate-data, budget and the
-daemon: init, trust, start, stop) and `fedbehavior predict`."""
+daemon: init, trust, start, stop), `fedbehavior predict` and `fedbehavior serve`."""
 
 from __future__ import annotations
 
@@ -190,10 +190,11 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
 
 def register(sub: Any) -> None:
     """Add the merchant's commands to the top-level subparsers: the `merchant` group (ingest, preview,
-    validate-data, budget, init, trust, start, stop) and `predict`."""
+    validate-data, budget, init, trust, start, stop), `predict` and `serve`."""
     from client.ingest.cli import add_ingest_cli
     from client.predict import add_predict_cli
     from client.preview import add_preview_cli
+    from client.serving.cli import add_serve_cli
 
     merchant = sub.add_parser("merchant", help="merchant tools").add_subparsers(
         dest="merchant_command", required=True
@@ -208,3 +209,4 @@ def register(sub: Any) -> None:
     budget.set_defaults(func=cmd_budget)
     add_merchant_daemon_cli(merchant)
     add_predict_cli(sub)
+    add_serve_cli(sub)

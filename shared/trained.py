@@ -112,7 +112,7 @@ def load_trained(
         model = quietly(POOLING[cfg.pooling].from_pretrained, str(folder))
         model.eval()
         kind = "export"
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     else:
         raise FileNotFoundError(
             f"{folder} is neither a run's final/ folder (no {ADAPTER_CONFIG}) nor an export "

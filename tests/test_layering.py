@@ -55,5 +55,14 @@ def test_every_package_registers_its_commands() -> None:
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert commands is not None
-    for name in ("simulate", "split-store", "merchant", "predict", "coordinator", "export", "report"):
+    for name in (
+        "simulate",
+        "split-store",
+        "merchant",
+        "predict",
+        "serve",
+        "coordinator",
+        "export",
+        "report",
+    ):
         assert name in commands
