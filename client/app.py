@@ -107,6 +107,8 @@ def _train(
     )
     if outcome.adapter is not None:
         content[protocol.ARRAYS] = ArrayRecord(outcome.adapter)  # already through the outgoing guard
+    if outcome.privacy:  # the ledger's accountant and privacy unit: words from a fixed set
+        content[protocol.PRIVACY] = ConfigRecord(outcome.privacy)  # type: ignore[arg-type]
     return content
 
 
@@ -123,6 +125,10 @@ def _evaluate(
         }
     )
     if outcome.histograms:
+        # the σ of the Gaussian mechanism (a public parameter): the coordinator reports how far it moves
+        # each pooled metric
+        metrics["eval_noise_multiplier"] = settings.eval_noise_multiplier
+        content[protocol.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
         values = {name: h.to_values() for name, h in outcome.histograms.items()}
         content[histograms.RECORD] = MetricRecord(values)  # type: ignore[arg-type]
     return content

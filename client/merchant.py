@@ -68,6 +68,13 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # the local explanation: logged on the merchant, never sent
     code: str = ""  # the fixed short reason (one of WIRE_REASONS) that the reply carries
+    privacy: dict[str, str] = field(default_factory=dict)  # public DP parameters (`ledger_parameters`)
+
+
+def ledger_parameters(ledger: Ledger) -> dict[str, str]:
+    """The ledger's accountant and privacy unit, for the coordinator's provenance record: settings of
+    the merchant and a property of its data source (customer ids or not), never a count or a value."""
+    return {"accountant": ledger.accountant, "privacy-unit": ledger.privacy_unit}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -295,9 +302,13 @@ def train_round(
         adapter=update,
         metrics={
             "train_loss": result.loss if math.isfinite(result.loss) else -1.0,
+            # the round's charge as written to the ledger; q = local-epochs / steps, nothing new
             "noise_multiplier": sigma,
-            "steps": float(result.steps),
+            "sample_rate": charge.sample_rate,
+            "steps": float(charge.steps),
+            "max_epsilon": ledger.max_epsilon,  # the merchant's own budget setting
         },
+        privacy=ledger_parameters(ledger),
     )
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from shared.progress import progress
 from shared.schema import Event
 from shared.tasks import CUSTOMER_TASKS, TaskSpec, build_candidates, sessions_of
 from shared.text import serialize, tokenizer_counter
@@ -96,7 +97,8 @@ def score(
     count = tokenizer_counter(trained.tokenizer)
     rows: list[dict[str, Any]] = []
     trained.model.eval()
-    for start in range(0, len(inputs), batch_size):
+    batches = range(0, len(inputs), batch_size)
+    for start in progress(batches, "scoring", unit=f"batches of {batch_size}", logger=log):
         chunk = inputs[start : start + batch_size]
         # two special tokens ([CLS], [SEP]) share the budget with the events, as in training
         texts = [serialize(i.events, max_tokens=max_length - 2, count_tokens=count) for i in chunk]

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from client.customer_dp import CustomerIndex, clip_and_sum, noisy_mean, per_customer_gradients, poisson_sample
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 from shared.model import trainable_parameters
+from shared.progress import progress
 
 # transformers 5 deprecates a property that PEFT still reads when wrapping a model; nothing to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -128,7 +129,10 @@ def train_dp(
             torch.manual_seed(secrets.randbits(63) if seed is None else seed)
             # PyTorch warns that no input requires grad: expected, the embeddings are frozen
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses = [loss for _ in range(plan.steps) if (loss := step.run()) is not None]
+            steps = progress(
+                range(plan.steps), f"DP-SGD, {settings.epochs} epoch(s)", unit="steps", logger=log
+            )
+            losses = [loss for _ in steps if (loss := step.run()) is not None]
     finally:
         optimizer.zero_grad(set_to_none=True)
         sampler_model.to_standard_module()  # removes hooks and grad_sample attributes

@@ -19,6 +19,7 @@ from server.coordinator import FAILED, REFUSED, TRAINED, Coordinator, Reply
 from shared import histograms, protocol
 from shared.adapters import AdapterState
 from shared.config import RunConfig
+from shared.privacy import ACCOUNTANTS, PRIVACY_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,28 @@ def _decode_content(node_id: int, content: RecordDict) -> Reply:
         bytes_up=sum(len(a.data) for a in arrays.values()) if arrays is not None else 0,
         reason=reason[:MAX_TEXT_CHARS],
         histograms=_histograms(content),
+        privacy=_privacy(content),
     )
+
+
+PRIVACY_VALUES = {"accountant": frozenset(ACCOUNTANTS), "privacy-unit": frozenset(PRIVACY_UNITS)}
+"""The `privacy` record's keys and the only words each may hold (the ledger's own vocabulary)."""
+
+
+def _privacy(content: RecordDict) -> dict[str, str]:
+    """The merchant's accountant and privacy unit, each one of a fixed set of words (or absent)."""
+    record = content.config_records.get(protocol.PRIVACY)
+    if record is None:
+        return {}
+    out: dict[str, str] = {}
+    for key, value in record.items():
+        allowed = PRIVACY_VALUES.get(key)
+        if allowed is None:
+            raise MalformedReplyError(f"unknown {protocol.PRIVACY!r} entry {str(key)[:40]!r}")
+        if not isinstance(value, str) or value not in allowed:
+            raise MalformedReplyError(f"{protocol.PRIVACY} {key!r} must be one of {sorted(allowed)}")
+        out[key] = value
+    return out
 
 
 def _histograms(content: RecordDict) -> dict[str, list[float]]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from server.checkpoint import load_latest, save_checkpoint
 from server.export import export_final
-from server.metrics import GLOBAL_KEYS, MetricsLog, pool_evaluations
+from server.metrics import GLOBAL_KEYS, MetricsLog, pool_evaluations, train_entry
 from server.round_state import RoundState
 from server.strategy import (
     RobustPolicy,
@@ -52,6 +52,7 @@ class Reply:
     bytes_up: int = 0
     reason: str = ""
     histograms: dict[str, list[float]] = field(default_factory=dict)  # evaluation: name → noisy counts
+    privacy: dict[str, str] = field(default_factory=dict)  # train: accountant, privacy-unit
 
     @property
     def name(self) -> str:
@@ -161,14 +162,13 @@ class Coordinator:
                 )
             elif reply.reason:
                 log.warning("round %d: %s %s: %s", server_round, reply.name, status, reply.reason)
-            merchants[reply.name] = {
-                "status": status,
-                "epsilon": reply.metrics.get("epsilon"),
-                "delta": reply.metrics.get("delta"),
-                "examples": claimed_examples(reply.metrics.get("examples")),
-                "train_loss": reply.metrics.get("train_loss"),
-                "bytes_up": reply.bytes_up,
-            }
+            merchants[reply.name] = train_entry(
+                status,
+                reply.metrics,
+                reply.privacy,
+                examples=claimed_examples(reply.metrics.get("examples")),
+                bytes_up=reply.bytes_up,
+            )
         screening = screen_updates(updates, adapter, self.policy, norm_history=self.round_state.norm_history)
         for name, reason in screening.rejected.items():
             merchants[name]["status"] = REJECTED
@@ -201,13 +201,23 @@ class Coordinator:
         for r in answered:  # evaluation also reports each merchant's current epsilon
             entry = self.last_status.setdefault(r.name, {"status": "-"})
             entry.update(epsilon=r.metrics.get("epsilon"), delta=r.metrics.get("delta"))
-        pooled, own = pool_evaluations({r.name: r.histograms for r in replies}, cfg.task_spec.num_labels)
+        pooled, own = pool_evaluations(
+            {r.name: r.histograms for r in replies},
+            cfg.task_spec.num_labels,
+            noise={
+                r.name: r.metrics["eval_noise_multiplier"]
+                for r in replies
+                if "eval_noise_multiplier" in r.metrics
+            },
+        )
         for r in answered:
             if r.name not in merchants and server_round > 0:
                 continue  # a row lists this round's trainers (and, in round 0, every evaluator)
             entry = merchants.setdefault(r.name, {"status": EVALUATED})
             entry.update(own.get(r.name, {}))
-            entry["evaluation"] = {"status": r.status, **entry.get("evaluation", {})}
+            # the epsilon it reports after charging this evaluation: the round's last word on its spend
+            epsilon = {"epsilon": r.metrics.get("epsilon")}
+            entry["evaluation"] = {"status": r.status, **epsilon, **entry.get("evaluation", {})}
         row = {
             "round": server_round,
             "time_s": round(time.monotonic() - t0, 3),

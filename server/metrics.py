@@ -2,8 +2,11 @@
 
 Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", "auc"?, "loss"?,
 "examples", "local_baseline"?: {…}}, "merchants": {id: {"status", "epsilon", "delta", "examples",
-"train_loss", "bytes_up", "evaluation": {"status", "accuracy", …}, "local_baseline"?: {…}}}}.
+"train_loss", "bytes_up", "noise_multiplier", "sample_rate", "steps", "max_epsilon", "accountant",
+"privacy_unit", "evaluation": {"status", "accuracy", …}, "local_baseline"?: {…}}}}.
 Round 0 is the evaluation of the initial, untrained adapter (its merchants have status "evaluated").
+The DP parameters (`train_entry`) are the merchant's report of its round's ledger charge; null when
+the merchant sent none (a refusal) or sent one out of range.
 
 "global" is computed from the *sum* of every merchant's noisy histograms (`shared.histograms`): the
 pooled AUC over all held-out customers, not a mean of per-merchant AUCs. Each merchant's
@@ -22,11 +25,55 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
+from shared.histograms import LOCAL_BASELINE, MODEL, Histogram, noise_errors
 
 log = logging.getLogger(__name__)
 
 GLOBAL_KEYS = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss")
+
+
+def _in_range(key: str, value: float | None, ok: bool) -> float | None:
+    if value is not None and not ok:
+        log.warning("a merchant reported %s = %s, out of range: recorded as not reported", key, value)
+        return None
+    return value
+
+
+def train_entry(
+    status: str,
+    metrics: Mapping[str, float],
+    privacy: Mapping[str, str],
+    *,
+    examples: int,
+    bytes_up: int,
+) -> dict[str, Any]:
+    """A merchant's entry in a training round's row: what it reported, its DP parameters bounded.
+
+    The DP parameters are provenance (the model card, `privacy.json`), never used to weight or
+    accept an update; a value outside its domain (a rate outside (0, 1], a fractional step count)
+    is recorded as null rather than trusted (the domains of `shared.privacy.Charge`).
+    """
+    q, steps = metrics.get("sample_rate"), metrics.get("steps")
+    sigma, budget = metrics.get("noise_multiplier"), metrics.get("max_epsilon")
+    whole_steps = steps is not None and steps >= 0 and float(steps).is_integer()
+    return {
+        "status": status,
+        "epsilon": metrics.get("epsilon"),
+        "delta": metrics.get("delta"),
+        "examples": examples,
+        "train_loss": metrics.get("train_loss"),
+        "bytes_up": bytes_up,
+        "noise_multiplier": _in_range("noise_multiplier", sigma, sigma is not None and sigma > 0),
+        "sample_rate": _in_range("sample_rate", q, q is not None and 0 < q <= 1),
+        "steps": _int_or_none(_in_range("steps", steps, whole_steps)),
+        "max_epsilon": _in_range("max_epsilon", budget, budget is not None and budget > 0),
+        "accountant": privacy.get("accountant"),
+        "privacy_unit": privacy.get("privacy-unit"),
+    }
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _clean(value: Any) -> Any:
@@ -67,7 +114,7 @@ class MetricsLog:
 def header() -> str:
     return (
         f"{'round':>5} {'trained':>7} {'refused':>7} {'rejected':>8} {'failed':>6} "
-        f"{'accuracy':>8} {'macro-F1':>8} {'AUC':>6} {'loss':>7} {'max ε':>6} {'time s':>7}"
+        f"{'accuracy':>8} {'macro-F1':>8} {'AUC':>6} {'±noise':>6} {'loss':>7} {'max ε':>6} {'time s':>7}"
     )
 
 
@@ -84,13 +131,16 @@ def format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['round']:>5} {counts['trained']:>7} {counts['refused-budget']:>7} "
         f"{counts['rejected-update']:>8} {counts['failed']:>6} {_fmt(g.get('accuracy'), 8)} "
-        f"{_fmt(g.get('macro_f1'), 8)} {_fmt(g.get('auc'), 6)} {_fmt(g.get('loss'), 7)} "
+        f"{_fmt(g.get('macro_f1'), 8)} {_fmt(g.get('auc'), 6)} "
+        f"{_fmt((g.get('noise_sd') or {}).get('auc'), 6)} {_fmt(g.get('loss'), 7)} "
         f"{_fmt(max(eps) if eps else None, 6, 2)} {_fmt(row['time_s'], 7, 1)}"
     )
 
 
 def pool_evaluations(
-    reports: Mapping[str, Mapping[str, Sequence[float]]], num_labels: int
+    reports: Mapping[str, Mapping[str, Sequence[float]]],
+    num_labels: int,
+    noise: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(pooled, per merchant) metrics from each merchant's histograms (`name → flat counts`).
 
@@ -99,9 +149,14 @@ def pool_evaluations(
     histogram. Per merchant: `evaluation` and `local_baseline` from its own histograms. A histogram
     of the wrong size (the server knows the shape from the task, never takes it from the sender) is
     left out with a warning.
+
+    `noise`: each merchant's evaluation noise multiplier (the σ its counts carry). When every pooled
+    merchant reported one, `noise_sd` holds how much that noise moves each metric
+    (`shared.histograms.noise_errors`): a pooled AUC of 0.62 with a `noise_sd` of 0.15 says nothing.
     """
     totals: dict[str, Histogram] = {}
     own: dict[str, dict[str, Any]] = {}
+    pooled_from: list[str] = []
     for merchant, histograms in sorted(reports.items()):
         for name, values in sorted(histograms.items()):
             try:
@@ -111,9 +166,15 @@ def pool_evaluations(
                 continue
             totals[name] = totals[name] + histogram if name in totals else histogram
             own.setdefault(merchant, {})["evaluation" if name == MODEL else name] = histogram.metrics()
+            if name == MODEL:
+                pooled_from.append(merchant)
     if MODEL not in totals:
         return {}, own
     pooled: dict[str, Any] = totals[MODEL].metrics()
+    sigmas = [(noise or {}).get(m) for m in pooled_from]
+    if all(isinstance(v, float) and v > 0 for v in sigmas):
+        cell_sd = math.sqrt(sum(float(v) ** 2 for v in sigmas if v is not None))
+        pooled["noise_sd"] = noise_errors(totals[MODEL], cell_sd)
     if LOCAL_BASELINE in totals:
         pooled[LOCAL_BASELINE] = totals[LOCAL_BASELINE].metrics()
     return pooled, own

@@ -1,9 +1,11 @@
 """DP provenance of a run, from what its folder holds: `privacy.json` and the export's model card.
 
 Sources, in this order: `metrics.jsonl` (each merchant's status, epsilon and delta per round, and
-whatever else merchants reported), the run config in `final/run-config.json` (clip norm, rounds,
-task), and the merchant table of `final/README.md` (privacy unit, accountant). Nothing is invented:
-a value the run folder does not hold is written as `NOT_REPORTED`.
+each training round's charge as the merchant reported it: noise multiplier, sampling rate, steps,
+budget, accountant, privacy unit; `server.metrics.train_entry`), the run config in
+`final/run-config.json` (clip norm, rounds, task), and the merchant table of `final/README.md`
+(privacy unit, accountant). Nothing is invented: a value the run folder does not hold is written as
+`NOT_REPORTED`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from shared.config import RunConfig
 NOT_REPORTED = "not reported by the merchant"
 MERCHANT_KEYS = ("accountant", "privacy_unit", "noise_multiplier", "sample_rate", "max_epsilon")
 """Per-merchant values taken from the latest round that reports them (metrics.jsonl or the card)."""
+ROUND_CHARGE_KEYS = ("noise_multiplier", "sample_rate", "steps")
+"""A training round's ledger charge as the merchant reported it, kept per round in `per_round`."""
 
 NOT_COVERED = [
-    "training replies: the example count, steps and noise multiplier (exact: together they reveal a "
-    "merchant's training-customer count up to rounding) and the round's mean training loss",
+    "training replies: the example count, steps, sampling rate and noise multiplier (exact: together "
+    "they reveal a merchant's training-customer count up to rounding) and the round's mean training loss",
+    "training replies: the merchant's budget (max epsilon), accountant and privacy unit: its settings "
+    "and whether its data has customer ids, no count or value of its data",
     "status, merchant id, a fixed short reason and bytes on the wire: whether and when a merchant took "
     "part or refused is visible to the coordinator",
     "the run config and the label space (public by design: fixed by the coordinator)",
@@ -64,6 +70,14 @@ def card_merchant_table(card: Path) -> dict[str, dict[str, str]]:
     return table
 
 
+def round_epsilon(entry: dict[str, Any]) -> float | None:
+    """A merchant's epsilon at the end of a round: the one it reported after the round's evaluation
+    charge, else the one after its training charge (None if it reported neither)."""
+    evaluation = entry.get("evaluation")
+    after = evaluation.get("epsilon") if isinstance(evaluation, dict) else None
+    return after if after is not None else entry.get("epsilon")
+
+
 def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]) -> dict[str, Any]:
     """One merchant's figures: the latest epsilon/delta, per-round values, and reported settings."""
     per_round: list[dict[str, Any]] = []
@@ -73,11 +87,15 @@ def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]
         entry = row.get("merchants", {}).get(name)
         if entry is None:
             continue
+        epsilon = round_epsilon(entry)
         per_round.append(
-            {"round": row["round"], "status": entry.get("status"), "epsilon": entry.get("epsilon")}
+            {"round": row["round"], "status": entry.get("status"), "epsilon": epsilon}
+            | {k: entry[k] for k in ROUND_CHARGE_KEYS if entry.get(k) is not None}
         )
         latest.update({k: v for k, v in entry.items() if v is not None})
-        if entry.get("status") == "trained" and entry.get("steps") is not None:
+        if epsilon is not None:
+            latest["epsilon"] = epsilon
+        if entry.get("steps") is not None:  # a trained reply's charge, its update accepted or rejected
             steps.append(int(entry["steps"]))
     record: dict[str, Any] = {
         "epsilon": latest.get("epsilon", NOT_REPORTED),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.provenance import NOT_REPORTED, PRIVACY_COLUMNS, privacy_record, read_rows
+from server.provenance import NOT_REPORTED, PRIVACY_COLUMNS, privacy_record, read_rows, round_epsilon
 from shared.trained import RUN_CONFIG_FILE, read_run_config
 
 REPORT_DIR = "report"
@@ -47,22 +47,38 @@ def plot_metrics(rows: list[dict[str, Any]], ax: Any) -> None:
     for key in (*QUALITY_KEYS, "loss"):
         values = [r.get("global", {}).get(key) for r in rows]
         if any(v is not None for v in values):
-            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o", label=key)
-    ax.set(xlabel="round", ylabel="value", title="Federated evaluation (held-out customers)")
+            # error bars: how far the evaluation noise moves the metric (the coordinator's noise_sd)
+            sd = [(r.get("global", {}).get("noise_sd") or {}).get(key) for r in rows]
+            ax.errorbar(
+                rounds,
+                [float("nan") if v is None else v for v in values],
+                yerr=[0.0 if e is None else e for e in sd],
+                marker="o",
+                capsize=3,
+                label=key,
+            )
+    # pooled from noisy count histograms: with few held-out customers per merchant, mostly noise
+    ax.set(xlabel="round", ylabel="value", title="Federated evaluation (held-out customers, noisy counts)")
     ax.legend()
 
 
 def plot_epsilon(rows: list[dict[str, Any]], ax: Any) -> None:
-    """Each merchant's epsilon after each round, with its budget when the merchant reported one."""
+    """Each merchant's epsilon after each round, with its budget when the merchant reported one
+    (one dashed line per distinct budget, named after the merchants that share it)."""
+    colors: dict[str, str] = {}
+    sharing: dict[float, list[str]] = {}
     for name in _merchants(rows):
-        points = [(r["round"], r["merchants"][name].get("epsilon")) for r in rows if name in r["merchants"]]
+        points = [(r["round"], round_epsilon(r["merchants"][name])) for r in rows if name in r["merchants"]]
         points = [(x, y) for x, y in points if y is not None]
         if points:
-            line = ax.plot(*zip(*points, strict=True), marker="o", label=name)[0]
+            colors[name] = ax.plot(*zip(*points, strict=True), marker="o", label=name)[0].get_color()
             budgets = [r["merchants"][name].get("max_epsilon") for r in rows if name in r["merchants"]]
             budget = next((b for b in reversed(budgets) if b is not None), None)
             if budget is not None:
-                ax.axhline(budget, linestyle="--", color=line.get_color(), label=f"{name} budget")
+                sharing.setdefault(float(budget), []).append(name)
+    for budget, names in sharing.items():
+        color = colors[names[0]] if len(names) == 1 else "grey"
+        ax.axhline(budget, linestyle="--", color=color, label=f"{', '.join(names)} budget")
     ax.set(xlabel="round", ylabel="epsilon", title="Privacy spent per merchant")
     ax.legend()
 
@@ -190,8 +206,65 @@ def _page(record: dict[str, Any], figures: list[str]) -> str:
     )
 
 
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_HINT = "pip install 'fedbehavior[tensorboard]'"
+
+
+class MissingExtraError(RuntimeError):
+    """An optional feature whose package is not installed; the message names the extra to install."""
+
+
+def tensorboard_scalars(rows: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    """(tag, value, round) for every scalar TensorBoard shows: `global/<metric>` per round,
+    `epsilon/<merchant>` and `bytes_up/<merchant>` (plus `bytes_up/total`, and `bytes_down/total`
+    when recorded) per training round. Nulls (a metric the noise made undefined) are left out."""
+    out: list[tuple[str, float, int]] = []
+    for row in rows:
+        step = int(row["round"])
+        for key, value in row.get("global", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append((f"global/{key}", float(value), step))
+        merchants = row.get("merchants", {})
+        for name, entry in sorted(merchants.items()):
+            if (epsilon := round_epsilon(entry)) is not None:
+                out.append((f"epsilon/{name}", float(epsilon), step))
+        if step == 0:
+            continue  # round 0 only evaluates: nothing went up
+        sent = {name: entry.get("bytes_up") for name, entry in sorted(merchants.items())}
+        out += [(f"bytes_up/{name}", float(b), step) for name, b in sent.items() if b is not None]
+        out.append(("bytes_up/total", float(sum(b or 0 for b in sent.values())), step))
+        if row.get("bytes_down") is not None:
+            out.append(("bytes_down/total", float(row["bytes_down"]), step))
+    return out
+
+
+def write_tensorboard(run_dir: Path) -> Path:
+    """Write the run's scalars (`tensorboard_scalars`) to `run_dir/report/tensorboard/`, replacing
+    the event files an earlier call wrote there; return that folder (`tensorboard --logdir` it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        message = f"TensorBoard scalars need the tensorboard package: {TENSORBOARD_HINT}"
+        raise MissingExtraError(message) from err
+    run_dir = Path(run_dir)
+    rows = sorted(read_rows(run_dir), key=lambda r: r["round"])
+    folder = run_dir / REPORT_DIR / TENSORBOARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("events.out.tfevents.*"):  # a second call would otherwise show every point twice
+        old.unlink()
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        for tag, value, step in tensorboard_scalars(rows):
+            writer.add_scalar(tag, value, global_step=step)
+    finally:
+        writer.close()
+    return folder
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    """`fedbehavior report`: build the report and print where it is."""
+    """`fedbehavior report`: build the report (and TensorBoard scalars) and print where they are."""
+    if args.tensorboard:  # first: a missing extra fails before minutes of plotting
+        print(f"tensorboard: {write_tensorboard(Path(args.run_dir))}  (tensorboard --logdir <that folder>)")
     print(f"report: {build_report(Path(args.run_dir))}")
     return 0
 
@@ -200,4 +273,9 @@ def add_report_cli(subparsers: Any) -> None:
     """Register `report` on the top-level subparsers."""
     parser = subparsers.add_parser("report", help="plots and an HTML page of a run (runs/<name>/report/)")
     parser.add_argument("run_dir", help="the run folder, runs/<name>")
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help=f"also write TensorBoard scalars to runs/<name>/report/{TENSORBOARD_DIR}/ ({TENSORBOARD_HINT})",
+    )
     parser.set_defaults(func=cmd_report)

@@ -147,6 +147,33 @@ class Histogram:
         return out
 
 
+NOISE_DRAWS = 200
+"""Draws of the parametric bootstrap behind `noise_errors`."""
+
+
+def noise_errors(
+    histogram: Histogram, cell_sd: float, *, draws: int = NOISE_DRAWS, seed: int = 0
+) -> dict[str, float | None]:
+    """How much the Gaussian noise moves each metric of a noisy `histogram`: the standard deviation of
+    the metric over `draws` copies with fresh N(0, cell_sd²) noise added to every count (a parametric
+    bootstrap; `cell_sd` is the noise the counts already carry, √(Σ σ²) for a sum over merchants).
+
+    Post-processing of released values with public parameters: it costs no privacy. A metric that is
+    undefined in more than half the draws gets None (the noise swamps it); so does every metric
+    when `cell_sd` is not positive (no noise, or not reported)."""
+    keys = ("accuracy", "macro_f1") + (("auc", "loss") if histogram.kind == "scores" else ())
+    if not cell_sd > 0:
+        return dict.fromkeys(keys)
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(draws):
+        noisy = Histogram(histogram.kind, histogram.counts + rng.normal(0.0, cell_sd, histogram.counts.shape))
+        for key, value in noisy.metrics().items():
+            if key in values and value is not None:
+                values[key].append(float(value))
+    return {k: (float(np.std(v)) if len(v) * 2 > draws else None) for k, v in values.items()}
+
+
 def _clip01(value: float) -> float:
     return min(1.0, max(0.0, value))
 

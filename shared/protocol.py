@@ -2,7 +2,8 @@
 
 Server → merchant: `arrays` (global adapter), `config` (the run's RunConfig, kebab-case), `round`
 (`server-round`, `run-key`). Merchant → server: `arrays` (trained adapter, only when trained),
-`metrics` (scalars only), `status` (`status`, `merchant-id`, `reason`).
+`metrics` (scalars only), `status` (`status`, `merchant-id`, `reason`), and with a trained update
+`privacy` (`accountant`, `privacy-unit`: the public parameters of the merchant's ledger).
 """
 
 ARRAYS = "arrays"
@@ -10,6 +11,7 @@ CONFIG = "config"
 ROUND = "round"
 METRICS = "metrics"
 STATUS = "status"
+PRIVACY = "privacy"
 
 SERVER_ROUND = "server-round"
 RUN_KEY = "run-key"

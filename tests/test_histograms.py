@@ -161,3 +161,25 @@ def test_one_release_is_charged_as_the_gaussian_mechanism(sigma: float) -> None:
     ledger_eps = epsilon_of([Charge(1, "run", sigma, 1.0, 1, 1.0)], delta)
     # the ledger's PLD is a pessimistic upper bound, tight to well under 1%
     assert high <= ledger_eps <= high * 1.01 + 1e-3
+
+
+def test_noise_errors_match_the_spread_of_independent_noisy_releases() -> None:
+    """The bootstrap's noise sd of the AUC equals the spread over many independent noisy releases of
+    the same exact histogram (computed here without `noise_errors`), and is None without noise."""
+    from shared.histograms import noise_errors
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 4000)
+    p1 = 1 / (1 + np.exp(-(rng.normal(0, 1.5, 4000) + 1.2 * labels)))
+    exact = Histogram.of(labels, np.stack([1 - p1, p1], axis=1))
+    sigma = 30.0
+    releases = [exact.noised(sigma, seed=s) for s in range(300)]
+    spread = float(np.std([r.metrics()["auc"] for r in releases]))
+    estimated = noise_errors(releases[0], sigma)
+    assert estimated["auc"] is not None
+    assert abs(estimated["auc"] - spread) < 0.25 * spread
+    assert noise_errors(exact, 0.0) == dict.fromkeys(("accuracy", "macro_f1", "auc", "loss"))
+    # swamped: a handful of examples under σ = 50 leaves the AUC undefined in most draws or very noisy
+    tiny = Histogram.of([0, 1, 0, 1], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]).noised(50.0, seed=1)
+    swamped = noise_errors(tiny, 50.0)
+    assert swamped["auc"] is None or swamped["auc"] > 0.1

@@ -122,6 +122,25 @@ def test_pooled_metrics_are_those_of_the_summed_histograms() -> None:
     assert "liar" not in own
 
 
+def test_pooled_noise_sd_uses_every_merchants_sigma() -> None:
+    """noise_sd is the spread under √(σ_a² + σ_b²) per count, and only when every pooled merchant
+    reported its σ (a missing one would understate the noise)."""
+    from server.metrics import pool_evaluations
+    from shared.histograms import Histogram, noise_errors
+
+    (ya, pa), (yb, pb) = _scores(1, 120), _scores(2, 40)
+    reports = {
+        "a": {"model": Histogram.of(ya, pa).to_values()},
+        "b": {"model": Histogram.of(yb, pb).to_values()},
+    }
+    pooled, _ = pool_evaluations(reports, num_labels=2, noise={"a": 3.0, "b": 4.0})
+    total = Histogram.of(np.concatenate([ya, yb]), np.concatenate([pa, pb]))
+    assert pooled["noise_sd"] == pytest.approx(noise_errors(total, 5.0))
+    assert pooled["noise_sd"]["auc"] > noise_errors(total, 3.0)["auc"]
+    partial, _ = pool_evaluations(reports, num_labels=2, noise={"a": 3.0})
+    assert "noise_sd" not in partial
+
+
 def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
     from collections.abc import Sequence
@@ -172,7 +191,7 @@ def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_pat
     for row in rows:
         assert row["global"]["auc"] == pytest.approx(expected["auc"])
         assert row["global"]["examples"] == 140  # from the histograms, not the reported scalar
-        assert row["merchants"]["m3"]["evaluation"] == {"status": "refused-budget"}
+        assert row["merchants"]["m3"]["evaluation"] == {"status": "refused-budget", "epsilon": 2.0}
         assert row["merchants"]["m1"]["evaluation"]["examples"] == 80
     assert rows[0]["global"]["local_baseline"]["auc"] == pytest.approx(expected["auc"])
     assert (

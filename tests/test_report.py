@@ -6,11 +6,19 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from server.report import PLOTS, build_report, plot_epsilon, plot_participation
+from server.report import (
+    PLOTS,
+    build_report,
+    plot_epsilon,
+    plot_participation,
+    tensorboard_scalars,
+    write_tensorboard,
+)
 from shared.cli import main
 from tests.trained_run import make_run, metrics_rows
 
@@ -42,11 +50,19 @@ def test_plots_draw_the_rows(tmp_path: Path) -> None:
 
     rows = metrics_rows()
     rows[2]["merchants"]["m1"]["max_epsilon"] = 8.0
+    rows[1]["merchants"]["m2"]["max_epsilon"] = 8.0  # the same budget: one line for both
     _, ax = plt.subplots()
     plot_epsilon(rows, ax)
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["m1"].get_ydata()) == [2.5, 4.0] and list(lines["m2"].get_ydata()) == [3.0, 3.0]
-    assert list(lines["m1 budget"].get_ydata()) == [8.0, 8.0]
+    assert list(lines["m1, m2 budget"].get_ydata()) == [8.0, 8.0]
+    _, ax = plt.subplots()
+    rows[1]["merchants"]["m2"]["max_epsilon"] = 3.5  # m2's latest report is its budget
+    plot_epsilon(rows, ax)
+    budgets = {
+        line.get_label(): line.get_ydata()[0] for line in ax.get_lines() if "budget" in line.get_label()
+    }
+    assert budgets == {"m1 budget": 8.0, "m2 budget": 3.5}
     _, ax = plt.subplots()
     plot_participation(rows, ax)
     heights = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
@@ -55,8 +71,10 @@ def test_plots_draw_the_rows(tmp_path: Path) -> None:
 
 
 def test_cli_report_export_predict(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", str(run)]) == 0
-    assert "report/index.html" in capsys.readouterr().out
+    assert main(["report", str(run), "--tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "report/index.html" in out and "report/tensorboard" in out
+    assert list((run / "report" / "tensorboard").glob("events.out.tfevents.*"))
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0
     assert json.loads((tmp_path / "e" / "privacy.json").read_text())["merchants"]["m1"]["epsilon"] == 4.0
     data = tmp_path / "data"
@@ -68,3 +86,47 @@ def test_cli_report_export_predict(run: Path, tmp_path: Path, capsys: pytest.Cap
     assert (
         out.read_text().splitlines()[0] == "customer_id,session_id,events,in_funnel,predicted,p_no-buy,p_buy"
     )
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard folder, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(run: Path) -> None:
+    pytest.importorskip("tensorboard")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    write_tensorboard(run)
+    folder = write_tensorboard(run)  # a second call replaces the first's events, never doubles them
+    assert folder == run / "report" / "tensorboard"
+    scalars = read_scalars(folder)
+    for key in ("accuracy", "macro_f1", "loss", "examples"):
+        expected = [(r["round"], r["global"][key]) for r in rows]
+        assert scalars[f"global/{key}"] == [(n, pytest.approx(v)) for n, v in expected]
+    assert scalars["epsilon/m1"] == [(1, 2.5), (2, 4.0)] and scalars["epsilon/m2"] == [(1, 3.0), (2, 3.0)]
+    assert scalars["bytes_up/m1"] == [(1, 1000), (2, 1000)] and scalars["bytes_up/m2"] == [(1, 1200), (2, 0)]
+    assert scalars["bytes_up/total"] == [(1, 2200), (2, 1000)]
+    assert not any(tag.startswith("bytes_down") for tag in scalars)  # this run recorded none
+
+
+def test_tensorboard_missing_names_the_extra(
+    run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    assert main(["report", str(run), "--tensorboard"]) == 2
+    assert "pip install 'fedbehavior[tensorboard]'" in capsys.readouterr().err
+
+
+def test_epsilon_of_a_round_is_the_one_after_its_evaluation() -> None:
+    rows = metrics_rows()
+    rows[2]["merchants"]["m1"]["evaluation"] = {
+        "status": "evaluated",
+        "epsilon": 4.2,
+    }  # charged after training
+    got = {(tag, step): value for tag, value, step in tensorboard_scalars(rows)}
+    assert (got[("epsilon/m1", 1)], got[("epsilon/m1", 2)], got[("epsilon/m2", 2)]) == (2.5, 4.2, 3.0)
+    assert ("bytes_up/total", 0) not in got  # round 0 only evaluates

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,3 +104,71 @@ def test_final_adapter_loads_with_peft(run_dir: Path, tiny_bert: str) -> None:
     assert loaded.keys() == last.keys()
     for key in last:
         torch.testing.assert_close(loaded[key], last[key])
+
+
+def training_charges(run_dir: Path, merchant: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A merchant's ledger file (its own disk: an independent source) and its training charges
+    (evaluation releases are the charges at sample rate 1)."""
+    ledger = json.loads((run_dir / "merchants" / merchant / "state" / "privacy-ledger.json").read_text())
+    return ledger, [h for h in ledger["history"] if h["sample_rate"] < 1.0]
+
+
+@pytest.fixture(scope="module")
+def privacy(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`privacy.json` of the run's export (adapter only: the provenance is the same, no merge)."""
+    from server.hf_export import PRIVACY_FILE, export_run
+
+    out = export_run(run_dir, tmp_path_factory.mktemp("export") / "adapter", adapter_only=True)
+    return dict(json.loads((out / PRIVACY_FILE).read_text()))
+
+
+@pytest.mark.slow
+def test_privacy_json_has_each_merchant_ledger_values(run_dir: Path, privacy: dict[str, Any]) -> None:
+    assert set(privacy["merchants"]) == {"merchant-0", "merchant-1", "merchant-2"}
+    for name, record in privacy["merchants"].items():
+        ledger, charges = training_charges(run_dir, name)
+        assert [c["round"] for c in charges] == [1, 2]
+        sigma = {c["noise_multiplier"] for c in charges}
+        assert len(sigma) == 1  # calibrated once for the run's horizon
+        assert record["noise_multiplier"] == pytest.approx(sigma.pop())
+        assert record["sample_rate"] == pytest.approx(charges[-1]["sample_rate"])
+        assert record["steps"] == sum(c["steps"] for c in charges)
+        assert [(r["round"], r["steps"], r["sample_rate"]) for r in record["per_round"][1:]] == [
+            (c["round"], c["steps"], pytest.approx(c["sample_rate"])) for c in charges
+        ]
+        assert (record["accountant"], record["privacy_unit"]) == (
+            ledger["accountant"],
+            ledger["privacy_unit"],
+        )
+        assert record["max_epsilon"] == ledger["max_epsilon"] and record["delta"] == ledger["delta"]
+        assert record["epsilon"] == pytest.approx(ledger["epsilon"])  # after the last evaluation's charge
+        assert record["rounds_trained"] == 2
+
+
+@pytest.mark.slow
+def test_report_of_the_run_has_every_plot_and_the_dp_values(run_dir: Path, privacy: dict[str, Any]) -> None:
+    import base64
+    import html
+    import re
+
+    from matplotlib.image import imread
+
+    from server.report import PLOTS, build_report
+
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    embedded = dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page))
+    assert set(embedded) == set(PLOTS)
+    for name in PLOTS:
+        png = run_dir / "report" / name
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and base64.b64decode(embedded[name]) == data
+        pixels = imread(png)  # decodes: a valid image, not just a signature
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0  # something drawn
+    for name, record in privacy["merchants"].items():
+        cells = [
+            record[k] for k in ("noise_multiplier", "sample_rate", "steps", "accountant", "privacy_unit")
+        ]
+        shown = [f"<td>{html.escape(f'{c:.4g}' if isinstance(c, float) else str(c))}</td>" for c in cells]
+        row = re.search(rf"<tr><td>{name}</td>(.*?)</tr>", page)
+        assert row is not None and all(cell in row.group(1) for cell in shown), (name, shown)
+    assert "not reported" not in page.split("<h2>DP settings</h2>")[1].split("<p>")[0]

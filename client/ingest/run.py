@@ -45,6 +45,7 @@ from client.ingest.store import (
 )
 from client.ingest.validate import check_batch
 from shared.fileio import atomic_write_json
+from shared.progress import Progress
 
 log = logging.getLogger(__name__)
 PARTITION_BATCHES = 2
@@ -147,7 +148,11 @@ def _pass_one(
 ) -> None:
     """Read, validate, spill. Three stages overlap: the next batch is parsed on one worker thread and
     the previous batch's good rows are spilled on another while this thread validates."""
-    with ThreadPoolExecutor(1, thread_name_prefix="ingest-spill") as spiller:
+    rows_expected = sum(estimate_rows(f) for f in plan.files)  # text files: estimated from a sample
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="ingest-spill") as spiller,
+        Progress("ingest: reading", total=rows_expected, unit="rows", logger=log) as bar,
+    ):
         pending: Future[None] | None = None
         for index, layout in enumerate(plan.files):
             name = layout.path.name
@@ -163,6 +168,7 @@ def _pass_one(
                 quarantine.add(checked.quarantine)
                 report.files[name] += rows
                 report.total += rows
+                bar.update(rows)
         if pending is not None:
             pending.result()
     spill.close()
@@ -191,7 +197,10 @@ def _pass_two(
         return result
 
     workers = _workers(len(parts))
-    with ThreadPoolExecutor(workers, thread_name_prefix="ingest-part") as pool:
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="ingest-part") as pool,
+        Progress("ingest: sessions", total=len(parts), unit="partitions", logger=log) as bar,
+    ):
         # Results are collected in submission order (a deterministic quarantine), with a few more
         # submitted than there are workers so that none waits for the oldest to finish; a queued or
         # finished partition holds no rows (only its duplicates, until collected).
@@ -200,8 +209,10 @@ def _pass_two(
             running.append(pool.submit(work, number, part))
             if len(running) >= 2 * workers:
                 _collect(running.popleft().result(), report, quarantine)
+                bar.update()
         while running:
             _collect(running.popleft().result(), report, quarantine)
+            bar.update()
     report.store_files = [f"{STORE_DIR}/part-{n:05d}.parquet" for n in range(len(parts))]
 
 
