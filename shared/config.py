@@ -111,7 +111,7 @@ class RunConfig(BaseModel):
         4, ge=1, le=64, description="sessions of a sampled customer summed into its one clipped gradient"
     )
     trainable: str = Field(
-        "lora+head",
+        "head",
         pattern="^(lora\\+head|head)$",
         description="head = DP linear probe (LoRA frozen, not sent)",
     )

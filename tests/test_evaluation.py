@@ -137,7 +137,10 @@ def test_the_reply_carries_histograms_and_no_exact_metric(
     outcome = merchant.EvalOutcome("evaluated", "m1", 0.4, 1e-6, noisy)
     monkeypatch.setattr(merchant, "evaluate_round", lambda *a, **k: outcome)
     reply = client_app.evaluate(request("evaluate"), context(tmp_path))
-    assert set(reply.content.metric_records["metrics"]) == {"epsilon", "delta", "examples"}
+    # beside the noisy count, only public parameters: its budget bookkeeping and its evaluation σ
+    metrics = reply.content.metric_records["metrics"]
+    assert set(metrics) == {"epsilon", "delta", "examples", "eval_noise_multiplier"}
+    assert metrics["eval_noise_multiplier"] == MerchantSettings.model_fields["eval_noise_multiplier"].default
     assert reply.content.metric_records["metrics"]["examples"] == max(0, round(noisy["model"].examples))
     # as the coordinator receives it
     back = decode_reply(7, delivered(reply.content, _metadata(message_id="r", src=7, dst=0, kind="evaluate")))

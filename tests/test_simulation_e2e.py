@@ -32,6 +32,8 @@ def run_dir(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "batch-size": 16,
         "max-length": 32,
         "lora-r": 2,
+        # the LoRA path end to end (the default, head-only, runs in make demo and the deploy tests)
+        "trainable": "lora+head",
     }
     return simulate(overrides, merchants=3)
 
@@ -67,6 +69,7 @@ def test_bytes_on_the_wire_are_the_adapter(run_dir: Path, tiny_bert: str) -> Non
     checkpoint = load_file(str(run_dir / "checkpoints" / "round-0001.safetensors"))
     spec = AdapterSpec({k: tuple(v.shape) for k, v in checkpoint.items()})
     assert all("lora_" in k or "classifier" in k for k in spec.shapes)
+    assert any("lora_" in k for k in spec.shapes)  # this run trains LoRA + head
     for m in rows[1]["merchants"].values():
         # float32 payload of exactly the adapter tensors, plus a small header per array
         assert spec.num_bytes <= m["bytes_up"] <= spec.num_bytes + 256 * len(spec.shapes)
