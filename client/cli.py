@@ -1,5 +1,5 @@
 """The merchant's commands: `fedbehavior merchant …` (ingest, preview, validate-data, budget and the
-daemon: init, trust, start, stop), `fedbehavior predict` and `fedbehavior serve`."""
+daemon: init, trust, start, stop; personalize), `fedbehavior predict` and `fedbehavior serve`."""
 
 from __future__ import annotations
 
@@ -190,8 +190,9 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
 
 def register(sub: Any) -> None:
     """Add the merchant's commands to the top-level subparsers: the `merchant` group (ingest, preview,
-    validate-data, budget, init, trust, start, stop), `predict` and `serve`."""
+    validate-data, budget, init, trust, start, stop, personalize), `predict` and `serve`."""
     from client.ingest.cli import add_ingest_cli
+    from client.personalize import add_personalize_cli
     from client.predict import add_predict_cli
     from client.preview import add_preview_cli
     from client.serving.cli import add_serve_cli
@@ -208,5 +209,6 @@ def register(sub: Any) -> None:
     budget.add_argument("ledger", help="ledger file, state folder or merchant folder")
     budget.set_defaults(func=cmd_budget)
     add_merchant_daemon_cli(merchant)
+    add_personalize_cli(merchant)
     add_predict_cli(sub)
     add_serve_cli(sub)

@@ -31,6 +31,7 @@ from client.evaluation import (
     planned_charges,
     release_charge,
 )
+from client.global_model import save_global
 from client.round_checks import check_run_cap, delta_problem, incoming_problem, run_epsilon_target
 from client.settings import MerchantSettings
 from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
@@ -369,6 +370,17 @@ def _charge_evaluation(
     return with_baseline, None
 
 
+def keep_global(
+    settings: MerchantSettings, model: torch.nn.Module, cfg: RunConfig, *, run_id: str, server_round: int
+) -> None:
+    """Keep the accepted global adapter (loaded in `model`) for personalisation, in
+    `<state_dir>/global/`. Every participant receives it, so keeping it releases nothing."""
+    try:
+        save_global(settings.state_dir, model, cfg, run_id=run_id, server_round=server_round)
+    except OSError as err:  # a full disk must not fail the round
+        log.warning("%s could not keep the global adapter: %s", settings.merchant_id, err)
+
+
 def evaluate_round(
     settings: MerchantSettings,
     cfg: RunConfig,
@@ -388,11 +400,12 @@ def evaluate_round(
         return EvalOutcome(
             FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=problem, code=BAD_REQUEST
         )
+    load_adapter(model, adapter)
+    keep_global(settings, model, cfg, run_id=run_id, server_round=server_round)
     with_baseline, refusal = _charge_evaluation(settings, ledger, run_id=run_id, server_round=server_round)
     if refusal is not None:
         return refusal
     held_out = data.evaluation()
-    load_adapter(model, adapter)
     probs, _ = predict(model, encoder.encode(held_out), batch_size=max(cfg.batch_size, 64), device=device)
     labels = np.asarray([c.label for c in held_out], dtype=np.int64)
     results = {MODEL: HeldOut(labels, probs)}
