@@ -19,7 +19,6 @@ from server.coordinator import FAILED, REFUSED, TRAINED, Coordinator, Reply
 from shared import histograms, protocol
 from shared.adapters import AdapterState
 from shared.config import RunConfig
-from shared.privacy import ACCOUNTANTS, PRIVACY_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +127,6 @@ def _decode_content(node_id: int, content: RecordDict) -> Reply:
     )
 
 
-PRIVACY_VALUES = {"accountant": frozenset(ACCOUNTANTS), "privacy-unit": frozenset(PRIVACY_UNITS)}
-"""The `privacy` record's keys and the only words each may hold (the ledger's own vocabulary)."""
-
-
 def _privacy(content: RecordDict) -> dict[str, str]:
     """The merchant's accountant and privacy unit, each one of a fixed set of words (or absent)."""
     record = content.config_records.get(protocol.PRIVACY)
@@ -139,7 +134,7 @@ def _privacy(content: RecordDict) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for key, value in record.items():
-        allowed = PRIVACY_VALUES.get(key)
+        allowed = protocol.PRIVACY_VALUES.get(key)
         if allowed is None:
             raise MalformedReplyError(f"unknown {protocol.PRIVACY!r} entry {str(key)[:40]!r}")
         if not isinstance(value, str) or value not in allowed:

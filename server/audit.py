@@ -15,7 +15,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from shared import histograms
+from shared import histograms, protocol
 
 AUDIT_FILE = "wire-audit.jsonl"
 
@@ -86,7 +86,7 @@ def read_audit(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-ALLOWED_RECORDS = {"arrays", "metrics", "status", histograms.RECORD}
+ALLOWED_RECORDS = {"arrays", "metrics", "status", histograms.RECORD, protocol.PRIVACY}
 MAX_HISTOGRAM_VALUES = 4096  # a 64-label confusion matrix; a score histogram has 2 × bins
 STATUS_KEYS = {"status", "merchant-id", "reason"}
 MAX_HEADER_BYTES = 256  # a .npy header: dtype, shape, padding; anything more would be a hidden payload
@@ -135,6 +135,10 @@ def audit_problems(entries: list[dict[str, Any]], expected: dict[str, tuple[int,
                 for key, value in rec["values"].items():
                     if not isinstance(value, (int, float)) or isinstance(value, bool):
                         problems.append(f"{where}: metric {key} is not a scalar: {value!r}")
+            elif rec["type"] == "config" and name == protocol.PRIVACY:
+                for key, value in rec["values"].items():
+                    if value not in protocol.PRIVACY_VALUES.get(key, ()):
+                        problems.append(f"{where}: privacy field {key}={value!r} is not allowed")
             elif rec["type"] == "config" and name == "status":
                 for key, value in rec["values"].items():
                     if key not in STATUS_KEYS or not isinstance(value, str) or len(value) > 500:

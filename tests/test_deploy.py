@@ -211,7 +211,7 @@ def test_every_message_a_merchant_sent_is_audited(e2e: tuple[Any, str], tiny_ber
     assert len(train) == 3 * 2 and len(evaluate) == 3 * 3  # 3 merchants; 2 rounds; evaluation of 0, 1, 2
     assert audit_problems(entries, expected) == []
     for e in train:  # each trained reply carries exactly the adapter, as float32 values
-        assert set(e["records"]) == {"arrays", "metrics", "status"}
+        assert set(e["records"]) == {"arrays", "metrics", "status", "privacy"}
         assert sum(t["value_bytes"] for t in e["records"]["arrays"]["tensors"].values()) == spec.num_bytes
     for e in evaluate:
         assert "arrays" not in e["records"]
@@ -223,7 +223,8 @@ def test_every_message_a_merchant_sent_is_audited(e2e: tuple[Any, str], tiny_ber
         if r["type"] == "config"
         for v in r["values"].values()
     }
-    assert strings <= {"trained", "evaluated", "", *SHOPS}
+    # (and the ledger's accountant and privacy unit, words of a fixed vocabulary)
+    assert strings <= {"trained", "evaluated", "", *SHOPS, "pld", "customer"}
     sent = {(e["round"], e["records"]["status"]["values"]["merchant-id"]): e["bytes"] for e in train}
     rows = rows_of(launch.run_dir)
     assert {(r["round"], m): v["bytes_up"] for r in rows[1:] for m, v in r["merchants"].items()} == sent
