@@ -89,9 +89,7 @@ def per_customer_gradients(
     loss_total = 0.0
     for start in range(0, len(rows), chunk):
         idx, owner = rows[start : start + chunk], local[start : start + chunk].to(device)
-        logits = model(
-            input_ids=data.input_ids[idx].to(device), attention_mask=data.attention_mask[idx].to(device)
-        ).logits
+        logits = model(**data.inputs(idx, device)).logits
         loss = torch.nn.functional.cross_entropy(logits, data.labels[idx].to(device), reduction="sum")
         loss.backward()
         for acc, p in zip(sums, params, strict=True):

@@ -202,7 +202,7 @@ def head_inputs(
         model.eval()
         for start in range(0, len(data), batch):
             sl = slice(start, start + batch)
-            model(input_ids=data.input_ids[sl].to(device), attention_mask=data.attention_mask[sl].to(device))
+            model(**data.inputs(sl, device))
     finally:
         hook.remove()
     return torch.cat(captured) if captured else torch.zeros(0)
@@ -255,10 +255,7 @@ def fine_tune(
             if head_only:
                 logits = _head(model)(fit_x[rows].to(device))
             else:
-                logits = model(
-                    input_ids=fit.input_ids[rows].to(device),
-                    attention_mask=fit.attention_mask[rows].to(device),
-                ).logits
+                logits = model(**fit.inputs(rows, device)).logits
             torch.nn.functional.cross_entropy(logits.float(), labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -279,3 +279,20 @@ def test_k_choice_is_stable_varies_by_round_and_reaches_every_session() -> None:
     assert len(seen) == 10
     with pytest.raises(ValueError, match="examples-per-customer"):
         up_to_k_per_customer(cands, ["c"], k=0, round_seed=0)
+
+
+def test_batches_are_cut_to_their_longest_row_with_the_same_outputs(tiny_bert: str) -> None:
+    """`Encoded.inputs` drops the padding columns no row of the batch uses; logits (and so the DP
+    gradients above, which go through it) equal those of the full max-length width."""
+    model = model_with_nonzero_b(tiny_bert)
+    model.eval()
+    data = encode(tiny_bert, 6, max_length=48)
+    lengths = data.attention_mask.sum(dim=1)
+    rows = torch.tensor([0, 3, 4])
+    cut = data.inputs(rows, CPU)
+    assert cut["input_ids"].shape[1] == int(lengths[rows].max()) < 48
+    full = model(input_ids=data.input_ids[rows], attention_mask=data.attention_mask[rows]).logits
+    torch.testing.assert_close(model(**cut).logits, full, rtol=1e-5, atol=1e-5)
+    every = data.inputs(slice(0, 6), CPU)
+    assert every["input_ids"].shape[1] == int(lengths.max())
+    assert torch.equal(every["input_ids"], data.input_ids[:, : int(lengths.max())])

@@ -7,10 +7,12 @@ pieces (`client.customer_dp.clip_and_sum` / `noisy_mean`), noise calibrated by
 and example-weighted FedAvg. What it shows holds for the head-only (linear-probe) mode exactly and
 guides the head's rate in LoRA+head mode, whose LoRA matrices it leaves out.
 
-    python -m simulations.experiments.head_sweep --data /work/data/ret/ingested --merchants 5
+    python -m simulations.experiments.head_sweep --data /work/data/ret --merchants 5
+    python -m simulations.experiments.head_sweep --data /work/data/ret --grid defaults --eps 1,3,8,1e6
 
-Prints one JSON line per setting: pooled AUC and log loss on the same held-out customers as
-`simulations.experiments.utility`, against the constant predictor's loss.
+Prints one JSON line per setting (also appended to `<out>/results.jsonl`, which `plot.py` reads):
+pooled AUC and log loss on the same held-out customers as `simulations.experiments.utility`,
+against the constant predictor's loss.
 """
 
 from __future__ import annotations
@@ -156,6 +158,31 @@ def run(
     return {"auc": round(auc(yh.numpy(), p), 4), "loss": round(log_loss(yh.numpy(), p), 4)}
 
 
+def settings_grid(grid: str, cfg: RunConfig, eps: list[float], features: list[str]) -> list[dict[str, Any]]:
+    """The settings to run: the run config's own recipe at each ε (`defaults`), or the sweep (`full`)."""
+    if grid == "defaults":
+        norm = "raw" if cfg.pooling == "mean" else "l2"
+        return [
+            {
+                "eps": e,
+                "features": norm,
+                "opt": "adam",
+                "lr": cfg.learning_rate,
+                "clip": cfg.max_grad_norm,
+                "batch": cfg.batch_size,
+                "k": cfg.examples_per_customer,
+                "epochs": cfg.local_epochs,
+            }
+            for e in eps
+        ]
+    return [
+        {"eps": e, "features": f, "opt": opt, "lr": lr, "clip": clip, "batch": 64, "k": 4, "epochs": 1}
+        for e, f, (opt, lr), clip in itertools.product(
+            eps, features, [("adam", 0.03), ("adam", 0.1), ("sgd", 3.0)], [0.5, 1.0]
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--merchants", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/head-sweep"))
-    parser.add_argument("--eps", default="8")
+    parser.add_argument("--eps", default="8", help="comma-separated; ≥ 1e5 means no noise")
     parser.add_argument("--features", default="raw,l2", help="head input: raw mean pooling, l2-normalised")
+    parser.add_argument(
+        "--grid",
+        choices=("full", "defaults"),
+        default="full",
+        help="full: optimizer × rate × clip × features; defaults: the run config's recipe at each ε",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
     args.out.mkdir(parents=True, exist_ok=True)
-    merchants = load_merchants(prepare(args.data, args.merchants, args.out), cfg, args.out / "scratch")
+    merchants = load_merchants(prepare(args.data, args.merchants, args.out, cfg), cfg, args.out / "scratch")
     every = [
         c
         for m in merchants
@@ -180,28 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     bank = Bank(every, features(cfg.backbone, encoder, every))
     held = bank.of([c for m in merchants for c in m.data.evaluation()])
     base = float(held[1].float().mean())
-    print(
-        json.dumps({"constant_loss": round(log_loss(held[1].numpy(), np.full(len(held[1]), base)), 4)}),
-        flush=True,
-    )
+    header = {
+        "data": args.data,
+        "source": "head_sweep",
+        "constant_loss": round(log_loss(held[1].numpy(), np.full(len(held[1]), base)), 4),
+        "config": {k: v for k, v in cfg.to_record().items() if k != "backbone"},
+    }
+    print(json.dumps(header), flush=True)
     raw = bank.feats
-    grid = itertools.product(
-        [float(e) for e in args.eps.split(",")],
-        args.features.split(","),
-        [("adam", 0.03), ("adam", 0.1), ("sgd", 3.0)],
-        [0.5, 1.0],
-        [64],
-        [4],
-        [1],
-    )
-    for eps, norm, (opt, lr), clip, batch, k, epochs in grid:
-        # "l2": the head reads the unit-length embedding, as sentence-transformers' MiniLM is trained
-        bank.feats = raw if norm == "raw" else torch.nn.functional.normalize(raw, dim=1)
-        held = bank.of([c for m in merchants for c in m.data.evaluation()])
-        s = {"opt": opt, "lr": lr, "clip": clip, "batch": batch, "epochs": epochs}
-        torch.manual_seed(1)
-        result = run(merchants, bank, held, s, eps, k, cfg.num_rounds)
-        print(json.dumps({"eps": eps, "features": norm, **s, "k": k, **result}), flush=True)
+    grid = settings_grid(args.grid, cfg, [float(e) for e in args.eps.split(",")], args.features.split(","))
+    with (args.out / "results.jsonl").open("a") as sink:
+        sink.write(json.dumps({"header": header}) + "\n")
+        for s in grid:
+            # "l2": the head reads the unit-length embedding, as sentence-transformers' MiniLM is trained
+            bank.feats = raw if s["features"] == "raw" else torch.nn.functional.normalize(raw, dim=1)
+            held = bank.of([c for m in merchants for c in m.data.evaluation()])
+            torch.manual_seed(1)  # a study's noise; production noise is never seeded
+            result = run(merchants, bank, held, s, s["eps"], s["k"], cfg.num_rounds)
+            eps = s["eps"] if s["eps"] < 1e5 else None
+            tag = f"head-sweep-eps{s['eps']:g}" if eps is not None else "head-sweep-nodp"
+            row = {"arm": tag, **s, "epsilon": eps, **result}
+            print(json.dumps(row), flush=True)
+            sink.write(json.dumps(row) + "\n")
     return 0 if math.isfinite(base) else 1
 
 

@@ -13,11 +13,13 @@ merchants themselves release only noisy histograms):
 - `fed-eps<ε>` / `fed-nodp`: the federated run in process (`simulations.inprocess`: the real ClientApp,
   ledger, DP-SGD and aggregation), each merchant with budget ε; the final adapter is scored.
 
-    python -m simulations.experiments.utility --data /work/data/ret/ingested --merchants 5 \\
+    python -m simulations.experiments.utility --data /work/data/ret --merchants 5 \\
         --arms local-lr,central-lr,central-lora,fed-eps8 --out runs/study-ret
 
 Prints one JSON line per arm and writes `<out>/results.jsonl`. `--set key=value` overrides the run
 config (as `fedbehavior simulate --set`), so every default is tried the way a user would run it.
+Texts are padded to `max-length`: on the clickstream the longest text is 24 tokens, so
+`--set max-length=24` gives the same model at half the cost of the default 48.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from client.data import Encoder, MerchantData, load_events
-from client.train import DPSettings, TrainSettings, customer_groups, predict, train_dp
+from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
 from shared.adapters import load_adapter
 from shared.config import RunConfig, parse_sets
 from shared.model import build_model, load_tokenizer, resolve_backbone
@@ -190,47 +192,55 @@ def score_model(model: torch.nn.Module, encoder: Encoder, merchants: list[Mercha
 def arm_central(
     merchants: list[Merchant], cfg: RunConfig, encoder: Encoder, epsilon: float | None
 ) -> dict[str, Any]:
-    """LoRA on the pooled training data, as one data owner would train it (customer-level DP at
-    `epsilon` over the same number of passes as the federated run, or non-private)."""
-    chosen: list[Candidate] = []
+    """LoRA on the pooled training data, as one data owner would train it, on the federation's plan:
+    `num-rounds` rounds of `local-epochs` epochs, each round on that round's up-to-k sessions of every
+    customer (so every customer is seen as often as in the federated run), with customer-level DP at
+    `epsilon` calibrated for the whole plan, or non-private (no noise, no clipping)."""
+    model = build_model(
+        cfg.backbone,
+        num_labels=cfg.task_spec.num_labels,
+        lora=cfg.lora,
+        init_seed=cfg.seed,
+        pooling=cfg.pooling,
+    )
+    settings = TrainSettings(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lora_learning_rate=cfg.lora_learning_rate or None,
+    )
+    sigma = 0.0
     for r in range(cfg.num_rounds):
-        for m in merchants:
-            chosen += up_to_k_per_customer(
+        chosen = [
+            c
+            for m in merchants
+            for c in up_to_k_per_customer(
                 m.data.train_candidates,
                 m.data.train_customers,
                 k=cfg.examples_per_customer,
                 round_seed=f"c{r}",
             )
-    model = build_model(cfg.backbone, num_labels=cfg.task_spec.num_labels, lora=cfg.lora, init_seed=cfg.seed)
-    groups = customer_groups([f"{c.customer_id}" for c in chosen])
-    customers = int(groups.max()) + 1
-    epochs = cfg.local_epochs
-    batches = math.ceil(customers / cfg.batch_size)
-    sigma = 0.0
-    if epsilon is not None:
-        sigma = calibrate_noise(
-            spent=[],
-            sample_rate=1 / batches,
-            steps_per_round=batches * epochs,
-            rounds=1,
-            max_epsilon=epsilon,
-            delta=DELTA,
+        ]
+        groups = customer_groups([c.customer_id for c in chosen])
+        plan = StepPlan.of(int(groups.max()) + 1, cfg.batch_size, cfg.local_epochs)
+        if epsilon is not None and r == 0:  # the same customers every round: one calibration
+            sigma = calibrate_noise(
+                spent=[],
+                sample_rate=plan.sample_rate,
+                steps_per_round=plan.steps,
+                rounds=cfg.num_rounds,
+                max_epsilon=epsilon,
+                delta=DELTA,
+            )
+        clip = cfg.max_grad_norm if epsilon is not None else 1e6
+        train_dp(
+            model,
+            encoder.encode(chosen),
+            settings=settings,
+            dp=DPSettings(noise_multiplier=sigma, max_grad_norm=clip),
+            device=torch.device("cpu"),
+            groups=groups,
         )
-    train_dp(
-        model,
-        encoder.encode(chosen),
-        settings=TrainSettings(
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            lora_learning_rate=cfg.lora_learning_rate or None,
-        ),
-        dp=DPSettings(
-            noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm if epsilon is not None else 1e6
-        ),
-        device=torch.device("cpu"),
-        groups=groups,
-    )
     result = score_model(model, encoder, merchants)
     result["noise_multiplier"] = round(sigma, 4)
     return result
@@ -251,7 +261,8 @@ def arm_federated(
     copies = []
     for folder in folders:
         target = root / folder.name
-        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("state", "*.jsonl"))
+        # a fresh ledger, the data as it is (a synthetic shop's events are events.jsonl: keep them)
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("state"))
         meta = json.loads((target / "merchant.json").read_text())
         meta.update(max_epsilon=epsilon, delta=DELTA)
         (target / "merchant.json").write_text(json.dumps(meta))
@@ -260,7 +271,13 @@ def arm_federated(
     from safetensors.torch import load_file
 
     final = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
-    model = build_model(cfg.backbone, num_labels=cfg.task_spec.num_labels, lora=cfg.lora, init_seed=cfg.seed)
+    model = build_model(
+        cfg.backbone,
+        num_labels=cfg.task_spec.num_labels,
+        lora=cfg.lora,
+        init_seed=cfg.seed,
+        pooling=cfg.pooling,
+    )
     load_adapter(model, load_file(str(final)))
     result = score_model(model, encoder, merchants)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -282,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if not known_arm(a)]
+    if unknown:
+        raise SystemExit(
+            f"unknown arm(s) {', '.join(unknown)}: choose from local-lr, central-lr, central-lora, "
+            "central-dp<ε>, fed-eps<ε>, fed-nodp (e.g. --arms local-lr,fed-eps8)"
+        )
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
     args.out.mkdir(parents=True, exist_ok=True)
-    folders = prepare(args.data, args.merchants, args.out)
+    folders = prepare(args.data, args.merchants, args.out, cfg)
     merchants = load_merchants(folders, cfg, args.out / "scratch")
     encoder = Encoder(load_tokenizer(cfg.backbone), cfg.max_length)
     base = float(np.mean([c.label for m in merchants for c in m.train_examples()]))
@@ -299,14 +323,34 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(header), flush=True)
     with (args.out / "results.jsonl").open("a") as sink:
         sink.write(json.dumps({"header": header}) + "\n")
-        for arm in args.arms.split(","):
+        for arm in arms:
             t0 = time.monotonic()
-            result = run_arm(arm.strip(), folders, merchants, cfg, encoder, args.out)
-            result.update(arm=arm.strip(), seconds=round(time.monotonic() - t0, 1))
+            result = run_arm(arm, folders, merchants, cfg, encoder, args.out)
+            result.update(arm=arm, epsilon=arm_epsilon(arm), seconds=round(time.monotonic() - t0, 1))
             print(json.dumps(result), flush=True)
             sink.write(json.dumps(result) + "\n")
             sink.flush()
     return 0
+
+
+def known_arm(arm: str) -> bool:
+    if arm in ("local-lr", "central-lr", "central-lora", "fed-nodp"):
+        return True
+    for prefix in ("fed-eps", "central-dp"):
+        if arm.startswith(prefix):
+            try:
+                return float(arm.removeprefix(prefix)) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def arm_epsilon(arm: str) -> float | None:
+    """The per-merchant ε an arm runs at; None for a non-private arm."""
+    for prefix in ("fed-eps", "central-dp"):
+        if arm.startswith(prefix):
+            return float(arm.removeprefix(prefix))
+    return None
 
 
 def run_arm(
@@ -327,13 +371,22 @@ def run_arm(
     raise ValueError(f"unknown arm {arm!r}")
 
 
-def prepare(data: str, merchants: int, out: Path) -> list[Path]:
-    """Merchant folders: split from an ingested store by customer hash, or synthetic non-IID shops."""
+def prepare(data: str, merchants: int, out: Path, cfg: RunConfig) -> list[Path]:
+    """Merchant folders: split from an ingested store by customer hash, or synthetic non-IID shops
+    (the run config's `sim-seed` and `sim-customers`, as `fedbehavior simulate` generates them)."""
     root = out / "merchants"
     if data == "synthetic":
         from shared.synthetic import ensure_merchant
 
-        return [ensure_merchant(7, i, root / f"merchant-{i}", base_customers=500) for i in range(merchants)]
+        return [
+            ensure_merchant(cfg.sim_seed, i, root / f"merchant-{i}", base_customers=cfg.sim_customers)
+            for i in range(merchants)
+        ]
+    if not (Path(data) / "store").is_dir():
+        raise SystemExit(
+            f"--data {data}: no store/ folder there; pass the folder `fedbehavior merchant ingest --out` "
+            "wrote (it holds store/), or 'synthetic'"
+        )
     return split_store(Path(data), root, merchants=merchants)
 
 
