@@ -38,7 +38,7 @@ from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, p
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
 from shared.config import RunConfig
 from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
-from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
+from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.privacy import BudgetExceededError, Charge, Ledger
 from shared.privacy.calibration import CalibrationError, calibrate_noise
 from shared.protocol import EVALUATED
@@ -76,12 +76,6 @@ def ledger_parameters(ledger: Ledger) -> dict[str, str]:
     """The ledger's accountant and privacy unit, for the coordinator's provenance record: settings of
     the merchant and a property of its data source (customer ids or not), never a count or a value."""
     return {"accountant": ledger.accountant, "privacy-unit": ledger.privacy_unit}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @lru_cache(maxsize=2)

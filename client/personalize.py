@@ -44,7 +44,7 @@ from shared.adapters import load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
 from shared.metrics import roc_auc
-from shared.model import build_model, freeze_for, load_tokenizer, resolve_backbone
+from shared.model import build_model, freeze_for, load_tokenizer, resolve_backbone, resolve_device
 from shared.tasks import Candidate, one_per_customer, split_customers, up_to_k_per_customer
 from shared.trained import ADAPTER_CONFIG, read_run_config
 
@@ -342,7 +342,7 @@ def personalize(
     settings = settings or PersonaliseSettings()
     merchant = merchant or MerchantSettings.from_merchant_dir(Path(merchant_dir))
     source = Path(global_folder) if global_folder is not None else latest_global(merchant.state_dir)
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
     model, cfg, backbone = start_model(source, settings.train, device)
     data = load_merchant_data(
         merchant.data_dir,
@@ -409,12 +409,6 @@ def personalize(
     with (merchant.state_dir / STATE_LOG).open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(report.to_json()) + "\n")
     return report
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _write_out(

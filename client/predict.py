@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from shared.model import resolve_device
 from shared.progress import progress
 from shared.schema import Event
 from shared.tasks import CUSTOMER_TASKS, TaskSpec, build_candidates, sessions_of
@@ -157,12 +158,6 @@ def read_events(
     return events, work / QUARANTINE_FILE
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def predict(
     model: Path,
     events: Path,
@@ -182,7 +177,7 @@ def predict(
     out = Path(out)
     if out.suffix not in (".csv", ".jsonl"):
         raise ValueError(f"--out must end in .csv or .jsonl, got {out.name}")
-    torch_device = _device(device)
+    torch_device = resolve_device(device)
     report = PredictReport(out=str(out), device=str(torch_device))
     trained = load_trained(Path(model), overrides=overrides, device=torch_device)
     with tempfile.TemporaryDirectory(prefix="fedbehavior-predict-") as tmp:

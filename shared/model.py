@@ -86,6 +86,14 @@ class LoraSpec:
             )
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """`auto`, empty or None: the first GPU when there is one, else the CPU; otherwise `name`
+    (cpu, cuda, cuda:1, mps)."""
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer (fast when available)."""
     return AutoTokenizer.from_pretrained(resolve_backbone(backbone))

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from client.data import Encoder, MerchantData, load_events
-from client.merchant import resolve_device
 from client.train import DPSettings, TrainSettings, customer_groups, train_dp
 from shared.config import RunConfig
-from shared.model import build_model, load_tokenizer, resolve_backbone
+from shared.model import build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.synthetic import generate_merchant
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from client.data import Encoder, MerchantData, load_events
-from client.merchant import resolve_device
 from client.train import DPSettings, Encoded, TrainSettings, make_optimizer, train_dp
-from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone
+from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.synthetic import generate_merchant
 from shared.tasks import get_task
 
