@@ -118,6 +118,10 @@ def _evaluate(
     outcome = merchant.evaluate_round(settings, cfg, adapter, server_round=server_round, run_id=run_key)
     # Only noisy histograms (charged to the ledger) and their noisy count; exact metrics stay local.
     metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta, "examples": outcome.examples}
+    if outcome.histograms:
+        # the σ of the Gaussian mechanism (a public parameter): the coordinator reports how far it moves
+        # each pooled metric
+        metrics["eval_noise_multiplier"] = settings.eval_noise_multiplier
     content = RecordDict(
         {
             protocol.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
@@ -125,10 +129,6 @@ def _evaluate(
         }
     )
     if outcome.histograms:
-        # the σ of the Gaussian mechanism (a public parameter): the coordinator reports how far it moves
-        # each pooled metric
-        metrics["eval_noise_multiplier"] = settings.eval_noise_multiplier
-        content[protocol.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
         values = {name: h.to_values() for name, h in outcome.histograms.items()}
         content[histograms.RECORD] = MetricRecord(values)  # type: ignore[arg-type]
     return content

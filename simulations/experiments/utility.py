@@ -189,6 +189,17 @@ def score_model(model: torch.nn.Module, encoder: Encoder, merchants: list[Mercha
     return summary(out)
 
 
+def study_model(cfg: RunConfig) -> torch.nn.Module:
+    """The run config's model (backbone, LoRA, pooling, seeded init), as every arm builds it."""
+    return build_model(
+        cfg.backbone,
+        num_labels=cfg.task_spec.num_labels,
+        lora=cfg.lora,
+        init_seed=cfg.seed,
+        pooling=cfg.pooling,
+    )
+
+
 def arm_central(
     merchants: list[Merchant], cfg: RunConfig, encoder: Encoder, epsilon: float | None
 ) -> dict[str, Any]:
@@ -196,13 +207,7 @@ def arm_central(
     `num-rounds` rounds of `local-epochs` epochs, each round on that round's up-to-k sessions of every
     customer (so every customer is seen as often as in the federated run), with customer-level DP at
     `epsilon` calibrated for the whole plan, or non-private (no noise, no clipping)."""
-    model = build_model(
-        cfg.backbone,
-        num_labels=cfg.task_spec.num_labels,
-        lora=cfg.lora,
-        init_seed=cfg.seed,
-        pooling=cfg.pooling,
-    )
+    model = study_model(cfg)
     settings = TrainSettings(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
@@ -271,13 +276,7 @@ def arm_federated(
     from safetensors.torch import load_file
 
     final = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
-    model = build_model(
-        cfg.backbone,
-        num_labels=cfg.task_spec.num_labels,
-        lora=cfg.lora,
-        init_seed=cfg.seed,
-        pooling=cfg.pooling,
-    )
+    model = study_model(cfg)
     load_adapter(model, load_file(str(final)))
     result = score_model(model, encoder, merchants)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
