@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from client.features import Features
     from client.train import Encoded
 
 EPS = 1e-6  # as Opacus: keeps the clip factor finite for a zero gradient
@@ -71,7 +72,7 @@ def poisson_sample(n_customers: int, rate: float) -> torch.Tensor:
 def per_customer_gradients(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
-    data: Encoded,
+    data: Encoded | Features,
     rows: torch.Tensor,
     local: torch.Tensor,
     n_customers: int,

@@ -21,6 +21,7 @@ from opacus import GradSampleModule
 from torch.utils.data import TensorDataset
 
 from client.customer_dp import CustomerIndex, clip_and_sum, noisy_mean, per_customer_gradients, poisson_sample
+from client.features import Features, HeadOnFeatures, head_inputs, head_module
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 from shared.model import trainable_parameters
 from shared.progress import progress
@@ -68,6 +69,7 @@ class TrainSettings:
     learning_rate: float = 1e-2
     lora_learning_rate: float | None = None  # None: same as learning_rate
     max_physical_batch: int = 128  # examples per forward pass: memory only, the result is the same
+    frozen_features: bool = True  # head-only: run the backbone once per round (False: once per step)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ def train_dp(
 ) -> TrainResult:
     """Fine-tune the trainable parameters of `model` in place with customer-level DP-SGD.
 
+    When only the head is trained (`trainable=head`) and `settings.frozen_features`, the backbone
+    runs once over `data` and the steps train the head on those features (`client.features`): the
+    same mechanism, without a BERT pass per step.
+
     `groups[i]` is the customer (0 … N-1) of example i; None means one customer per example, i.e.
     per-example DP-SGD. `seed` is for tests only: in production the sampling and the noise come from a
     fresh `secrets` seed every call, so no two merchants or rounds ever share noise. Opacus's hooks
@@ -130,12 +136,18 @@ def train_dp(
     """
     customers = CustomerIndex.of(groups, len(data))
     plan = StepPlan.of(len(customers), settings.batch_size, settings.epochs)
-    model.train()  # evaluation switched it off; the grad samplers need activations recorded
     optimizer = make_optimizer(model, settings)
     params = trainable_parameters(model)
-    sampler_model = GradSampleModule(model, loss_reduction="sum", batch_first=True)
+    head = head_module(model) if settings.frozen_features else None
+    steps_on: Encoded | Features = data
+    if head is not None:  # a linear probe: the frozen backbone's features, computed once
+        steps_on = head_inputs(model, head, data, device=device, chunk=settings.max_physical_batch)
+    model.train()  # evaluation switched it off; the grad samplers need activations recorded
+    sampler_model = GradSampleModule(
+        model if head is None else HeadOnFeatures(head), loss_reduction="sum", batch_first=True
+    )
     step = DPStep(
-        sampler_model, params, optimizer, data, customers, plan, dp, device, settings.max_physical_batch
+        sampler_model, params, optimizer, steps_on, customers, plan, dp, device, settings.max_physical_batch
     )
     rng_devices = [device] if device.type == "cuda" else []
     try:
@@ -188,7 +200,7 @@ class DPStep:
     model: torch.nn.Module  # a GradSampleModule with loss_reduction="sum"
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    data: Encoded
+    data: Encoded | Features
     customers: CustomerIndex
     plan: StepPlan
     dp: DPSettings

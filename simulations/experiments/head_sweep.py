@@ -35,7 +35,17 @@ from shared.config import RunConfig, parse_sets
 from shared.model import load_tokenizer, resolve_backbone
 from shared.privacy.calibration import calibrate_noise
 from shared.tasks import Candidate, up_to_k_per_customer
-from simulations.experiments.utility import DELTA, Merchant, auc, load_merchants, log_loss, prepare
+from simulations.experiments.utility import (
+    CAPS_HELP,
+    DELTA,
+    Merchant,
+    arm_local_lr,
+    auc,
+    load_merchants,
+    log_loss,
+    parse_caps,
+    prepare,
+)
 
 
 @torch.no_grad()
@@ -158,8 +168,42 @@ def run(
     return {"auc": round(auc(yh.numpy(), p), 4), "loss": round(log_loss(yh.numpy(), p), 4)}
 
 
-def settings_grid(grid: str, cfg: RunConfig, eps: list[float], features: list[str]) -> list[dict[str, Any]]:
-    """The settings to run: the run config's own recipe at each ε (`defaults`), or the sweep (`full`)."""
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def settings_grid(
+    grid: str,
+    cfg: RunConfig,
+    eps: list[float],
+    features: list[str],
+    recipe: dict[str, list[float]] | None = None,
+) -> list[dict[str, Any]]:
+    """The settings to run: the run config's own recipe at each ε (`defaults`), the optimizer sweep
+    (`full`), or the run config's recipe with local epochs × batch × rate × rounds varied (`recipe`)."""
+    if grid == "recipe":
+        norm = "raw" if cfg.pooling == "mean" else "l2"
+        lists = recipe or {}
+        return [
+            {
+                "eps": e,
+                "features": norm,
+                "opt": "adam",
+                "lr": lr,
+                "clip": cfg.max_grad_norm,
+                "batch": int(batch),
+                "k": cfg.examples_per_customer,
+                "epochs": int(epochs),
+                "rounds": int(rounds),
+            }
+            for e, epochs, batch, lr, rounds in itertools.product(
+                eps,
+                lists.get("epochs", [cfg.local_epochs]),
+                lists.get("batch", [cfg.batch_size]),
+                lists.get("lr", [cfg.learning_rate]),
+                lists.get("rounds", [cfg.num_rounds]),
+            )
+        ]
     if grid == "defaults":
         norm = "raw" if cfg.pooling == "mean" else "l2"
         return [
@@ -194,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", default="raw,l2", help="head input: raw mean pooling, l2-normalised")
     parser.add_argument(
         "--grid",
-        choices=("full", "defaults"),
+        choices=("full", "defaults", "recipe"),
         default="full",
-        help="full: optimizer × rate × clip × features; defaults: the run config's recipe at each ε",
+        help="full: optimizer × rate × clip × features; defaults: the run config's recipe at each ε; "
+        "recipe: the run config's recipe × --epochs × --batch × --lr × --rounds",
     )
+    for name in ("epochs", "batch", "lr", "rounds"):
+        parser.add_argument(
+            f"--{name}", type=floats, default=None, help=f"comma-separated {name} for --grid recipe"
+        )
+    parser.add_argument("--seeds", type=int, default=1, help="noise seeds per setting: mean and sd reported")
+    parser.add_argument("--train-caps", type=parse_caps, default=None, help=CAPS_HELP)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
     args.out.mkdir(parents=True, exist_ok=True)
-    merchants = load_merchants(prepare(args.data, args.merchants, args.out, cfg), cfg, args.out / "scratch")
+    folders = prepare(args.data, args.merchants, args.out, cfg)
+    merchants = load_merchants(folders, cfg, args.out / "scratch", args.train_caps)
     every = [
         c
         for m in merchants
@@ -217,19 +269,27 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "source": "head_sweep",
         "constant_loss": round(log_loss(held[1].numpy(), np.full(len(held[1]), base)), 4),
+        "merchants": {m.name: len(m.data.train_customers) for m in merchants},
+        "local_lr": arm_local_lr(merchants)["median_merchant_auc"],
         "config": {k: v for k, v in cfg.to_record().items() if k != "backbone"},
     }
     print(json.dumps(header), flush=True)
     raw = bank.feats
-    grid = settings_grid(args.grid, cfg, [float(e) for e in args.eps.split(",")], args.features.split(","))
+    recipe = {n: getattr(args, n) for n in ("epochs", "batch", "lr", "rounds") if getattr(args, n)}
+    grid = settings_grid(args.grid, cfg, floats(args.eps), args.features.split(","), recipe)
     with (args.out / "results.jsonl").open("a") as sink:
         sink.write(json.dumps({"header": header}) + "\n")
         for s in grid:
             # "l2": the head reads the unit-length embedding, as sentence-transformers' MiniLM is trained
             bank.feats = raw if s["features"] == "raw" else torch.nn.functional.normalize(raw, dim=1)
             held = bank.of([c for m in merchants for c in m.data.evaluation()])
-            torch.manual_seed(1)  # a study's noise; production noise is never seeded
-            result = run(merchants, bank, held, s, s["eps"], s["k"], cfg.num_rounds)
+            runs = []
+            for seed in range(1, args.seeds + 1):
+                torch.manual_seed(seed)  # a study's noise; production noise is never seeded
+                runs.append(run(merchants, bank, held, s, s["eps"], s["k"], s.get("rounds", cfg.num_rounds)))
+            result = {key: round(float(np.mean([r[key] for r in runs])), 4) for key in ("auc", "loss")}
+            if args.seeds > 1:
+                result["auc_sd"] = round(float(np.std([r["auc"] for r in runs], ddof=1)), 4)
             eps = s["eps"] if s["eps"] < 1e5 else None
             tag = f"head-sweep-eps{s['eps']:g}" if eps is not None else "head-sweep-nodp"
             row = {"arm": tag, **s, "epsilon": eps, **result}

@@ -44,7 +44,7 @@ from shared.adapters import load_adapter
 from shared.config import RunConfig, parse_sets
 from shared.model import build_model, load_tokenizer, resolve_backbone
 from shared.privacy.calibration import calibrate_noise
-from shared.tasks import Candidate, up_to_k_per_customer
+from shared.tasks import Candidate, stable_hash, up_to_k_per_customer
 from simulations.inprocess import run_in_process
 from simulations.split import split_store
 
@@ -62,9 +62,16 @@ class Merchant:
         return [c for cs in self.data.train_candidates.values() for c in cs]
 
 
-def load_merchants(folders: list[Path], cfg: RunConfig, scratch: Path) -> list[Merchant]:
+def load_merchants(
+    folders: list[Path], cfg: RunConfig, scratch: Path, train_caps: list[int] | None = None
+) -> list[Merchant]:
+    """Each folder's task data; `train_caps[i]` keeps only that many of merchant i's training
+    customers (chosen by customer hash; held-out customers unchanged), to study small merchants on
+    the same evaluation set."""
+    if train_caps is not None and len(train_caps) != len(folders):
+        raise SystemExit(f"--train-caps names {len(train_caps)} merchants, the study has {len(folders)}")
     out = []
-    for folder in folders:
+    for i, folder in enumerate(folders):
         events, report = load_events(folder, scratch / folder.name)
         data = MerchantData.build(
             events,
@@ -75,6 +82,9 @@ def load_merchants(folders: list[Path], cfg: RunConfig, scratch: Path) -> list[M
             split=cfg.eval_split,
             cutoff=cfg.eval_cutoff_time,
         )
+        if train_caps is not None:
+            keep = sorted(data.train_candidates, key=lambda c: stable_hash("cap", c))[: train_caps[i]]
+            data.train_candidates = {c: data.train_candidates[c] for c in sorted(keep)}
         out.append(Merchant(folder.name, data))
     return out
 
@@ -296,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default="local-lr,central-lr,central-lora,fed-eps8")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--train-caps", type=parse_caps, default=None, help=CAPS_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -308,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
     args.out.mkdir(parents=True, exist_ok=True)
     folders = prepare(args.data, args.merchants, args.out, cfg)
-    merchants = load_merchants(folders, cfg, args.out / "scratch")
+    merchants = load_merchants(folders, cfg, args.out / "scratch", args.train_caps)
+    if args.train_caps is not None:
+        folders = [capped_folder(f, m, args.out / "capped") for f, m in zip(folders, merchants, strict=True)]
     encoder = Encoder(load_tokenizer(cfg.backbone), cfg.max_length)
     base = float(np.mean([c.label for m in merchants for c in m.train_examples()]))
     held = np.concatenate([[c.label for c in m.data.evaluation()] for m in merchants])
@@ -330,6 +343,39 @@ def main(argv: list[str] | None = None) -> int:
             sink.write(json.dumps(result) + "\n")
             sink.flush()
     return 0
+
+
+CAPS_HELP = (
+    "comma-separated, one per merchant: keep at most that many training customers (held-out "
+    "customers unchanged), e.g. 25,60,100,140,171 for merchants as small as the held-back clickstream's"
+)
+
+
+def parse_caps(text: str) -> list[int]:
+    try:
+        caps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers such as 25,60,100") from None
+    if not caps or min(caps) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every cap must be a positive integer")
+    return caps
+
+
+def capped_folder(folder: Path, merchant: Merchant, root: Path) -> Path:
+    """A copy of `folder` holding only the customers `merchant` kept (training and held-out), for
+    the federated arms, which read folders."""
+    import pyarrow.parquet as pq
+
+    keep = set(merchant.data.train_candidates) | set(merchant.data.eval_candidates)
+    target = root / folder.name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("state", "store"))
+    (target / "store").mkdir()
+    for part in sorted((folder / "store").glob("*.parquet")):
+        table = pq.read_table(part)
+        mask = [c in keep for c in table["customer_id"].to_pylist()]
+        pq.write_table(table.filter(mask), target / "store" / part.name)
+    return target
 
 
 def known_arm(arm: str) -> bool:
