@@ -1,7 +1,9 @@
-"""Training throughput: examples/s of one local epoch with DP-SGD (Opacus) and without, in one run.
+"""Training throughput: examples/s of one local epoch with DP-SGD (Opacus) and without, in one run;
+then the linear probe (`trainable=head`) over `--head-epochs` epochs, with the backbone run once per
+round on frozen features (the default) and once per step, and their ratio.
 
     .venv/bin/python -m simulations.bench_train [--examples 512] [--batch-size 64] [--backbone ID]
-                                                [--max-length 48] [--device auto]
+                                                [--max-length 48] [--device auto] [--head-epochs 3]
 
 Uses a synthetic merchant's purchase-intent examples and the project's own model and training loop,
 so the figures are those of a merchant's round. Prints examples/s for both and their ratio; on a GPU
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--backbone", default="")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--head-epochs", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
     backbone = resolve_backbone(args.backbone)
@@ -88,6 +91,20 @@ def main() -> None:
         extra = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
         print(f"{name:>5}: {timings[name]:6.2f} s  {len(data) / timings[name]:8.1f} examples/s{extra}")
     print(f"DP / plain throughput: {timings['plain'] / timings['dp']:.2f}")
+    head = build_model(backbone, num_labels=2, lora=LoraSpec(trainable="head"), device=device)
+    for frozen in (False, True):
+        settings = TrainSettings(batch_size=args.batch_size, epochs=args.head_epochs, frozen_features=frozen)
+        start = time.perf_counter()
+        train_dp(head, data, settings=settings, dp=DPSettings(1.0, 1.0), device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        name = "frozen features" if frozen else "per step"
+        timings[name] = time.perf_counter() - start
+        rate = len(data) * args.head_epochs / timings[name]
+        print(f"head, {args.head_epochs} epochs, {name:>15}: {timings[name]:6.2f} s  {rate:8.1f} examples/s")
+    print(
+        f"head: frozen features / per step throughput: {timings['per step'] / timings['frozen features']:.2f}"
+    )
 
 
 if __name__ == "__main__":
