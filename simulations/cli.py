@@ -14,7 +14,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     quiet_libraries()
     from simulations.run import simulate
 
-    overrides: dict[str, Any] = {"num-rounds": args.rounds, "runs-dir": args.runs_dir}
+    overrides: dict[str, Any] = {"runs-dir": args.runs_dir}
+    if args.rounds is not None:
+        overrides["num-rounds"] = args.rounds
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
         overrides[key] = args.merchants  # every simulated merchant takes part
     if args.name:
@@ -40,7 +42,7 @@ def register(sub: Any) -> None:
     """Add `simulate` and `split-store` to the top-level subparsers."""
     sim = sub.add_parser("simulate", help="run a local simulation of several merchants")
     sim.add_argument("--merchants", type=int, default=4)
-    sim.add_argument("--rounds", type=int, default=3)
+    sim.add_argument("--rounds", type=int, default=None, help="default: the run config's num-rounds (5)")
     sim.add_argument("--name", default="", help="run name (default: run-<time>-sim)")
     sim.add_argument("--runs-dir", default="runs")
     sim.add_argument(

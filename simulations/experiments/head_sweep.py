@@ -192,16 +192,17 @@ def settings_grid(
                 "lr": lr,
                 "clip": cfg.max_grad_norm,
                 "batch": int(batch),
-                "k": cfg.examples_per_customer,
+                "k": int(k),
                 "epochs": int(epochs),
                 "rounds": int(rounds),
             }
-            for e, epochs, batch, lr, rounds in itertools.product(
+            for e, epochs, batch, lr, rounds, k in itertools.product(
                 eps,
                 lists.get("epochs", [cfg.local_epochs]),
                 lists.get("batch", [cfg.batch_size]),
                 lists.get("lr", [cfg.learning_rate]),
                 lists.get("rounds", [cfg.num_rounds]),
+                lists.get("k", [cfg.examples_per_customer]),
             )
         ]
     if grid == "defaults":
@@ -241,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("full", "defaults", "recipe"),
         default="full",
         help="full: optimizer × rate × clip × features; defaults: the run config's recipe at each ε; "
-        "recipe: the run config's recipe × --epochs × --batch × --lr × --rounds",
+        "recipe: the run config's recipe × --epochs × --batch × --lr × --rounds × --k",
     )
-    for name in ("epochs", "batch", "lr", "rounds"):
+    for name in ("epochs", "batch", "lr", "rounds", "k"):
         parser.add_argument(
             f"--{name}", type=floats, default=None, help=f"comma-separated {name} for --grid recipe"
         )
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(header), flush=True)
     raw = bank.feats
-    recipe = {n: getattr(args, n) for n in ("epochs", "batch", "lr", "rounds") if getattr(args, n)}
+    recipe = {n: getattr(args, n) for n in ("epochs", "batch", "lr", "rounds", "k") if getattr(args, n)}
     grid = settings_grid(args.grid, cfg, floats(args.eps), args.features.split(","), recipe)
     with (args.out / "results.jsonl").open("a") as sink:
         sink.write(json.dumps({"header": header}) + "\n")
