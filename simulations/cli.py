@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     """Add `simulate` and `split-store` to the top-level subparsers."""
     sim = sub.add_parser("simulate", help="run a local simulation of several merchants")
     sim.add_argument("--merchants", type=int, default=4)
-    sim.add_argument("--rounds", type=int, default=None, help="default: the run config's num-rounds (5)")
+    sim.add_argument("--rounds", type=int, default=None, help="default: the run config's num-rounds")
     sim.add_argument("--name", default="", help="run name (default: run-<time>-sim)")
     sim.add_argument("--runs-dir", default="runs")
     sim.add_argument(

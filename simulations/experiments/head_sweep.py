@@ -181,9 +181,9 @@ def settings_grid(
 ) -> list[dict[str, Any]]:
     """The settings to run: the run config's own recipe at each ε (`defaults`), the optimizer sweep
     (`full`), or the run config's recipe with local epochs × batch × rate × rounds varied (`recipe`)."""
-    if grid == "recipe":
+    if grid in ("recipe", "defaults"):  # `defaults`: the recipe with nothing varied
         norm = "raw" if cfg.pooling == "mean" else "l2"
-        lists = recipe or {}
+        lists = (recipe or {}) if grid == "recipe" else {}
         return [
             {
                 "eps": e,
@@ -204,21 +204,6 @@ def settings_grid(
                 lists.get("rounds", [cfg.num_rounds]),
                 lists.get("k", [cfg.examples_per_customer]),
             )
-        ]
-    if grid == "defaults":
-        norm = "raw" if cfg.pooling == "mean" else "l2"
-        return [
-            {
-                "eps": e,
-                "features": norm,
-                "opt": "adam",
-                "lr": cfg.learning_rate,
-                "clip": cfg.max_grad_norm,
-                "batch": cfg.batch_size,
-                "k": cfg.examples_per_customer,
-                "epochs": cfg.local_epochs,
-            }
-            for e in eps
         ]
     return [
         {"eps": e, "features": f, "opt": opt, "lr": lr, "clip": clip, "batch": 64, "k": 4, "epochs": 1}
