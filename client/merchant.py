@@ -228,7 +228,7 @@ def train_round(
     chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
     groups = customer_groups([c.customer_id for c in chosen])
     # q over customers, not examples: a customer's up-to-k examples make one clipped gradient
-    plan = StepPlan.of(len({c.customer_id for c in chosen}), cfg.batch_size, cfg.local_epochs)
+    plan = StepPlan.of(len({c.customer_id for c in chosen}), cfg.batch_size, cfg.epochs)
     try:
         target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
         sigma = noise_for_run(
@@ -269,7 +269,7 @@ def train_round(
         model,
         encoder.encode(chosen),
         settings=TrainSettings(
-            epochs=cfg.local_epochs,
+            epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
             lora_learning_rate=cfg.lora_learning_rate or None,

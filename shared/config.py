@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.model import LoraSpec
 from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
 
+# local epochs per round when `local-epochs` is 0, chosen by the study (README, "Local epochs, batch
+# and rounds"): the head trains on features computed once per round, so epochs are cheap; LoRA's
+# epochs are each a BERT pass per step
+HEAD_LOCAL_EPOCHS = 10
+LORA_LOCAL_EPOCHS = 1
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -71,13 +77,18 @@ class RunConfig(BaseModel):
     leak_roles: str = Field("cart,buy", description="roles that end a purchase-intent prefix")
     repeat_days: float = Field(30.0, gt=0.0, description="repeat-purchase: window after the first buy")
     backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
-    num_rounds: int = Field(3, ge=1)
+    num_rounds: int = Field(5, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_train_nodes: int = Field(2, ge=1)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
     min_evaluate_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(
+        0,
+        ge=0,
+        description="local DP-SGD epochs per round; 0 = the trainable's default "
+        "(10 for head, whose backbone runs once per round; 1 for lora+head, a BERT pass per step)",
+    )
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(0.1, gt=0.0, description="the head's AdamW rate")
     lora_learning_rate: float = Field(0.001, ge=0.0, description="LoRA matrices' rate; 0 = learning-rate")
@@ -181,6 +192,13 @@ class RunConfig(BaseModel):
     def to_record(self) -> dict[str, int | float | str | bool]:
         """Kebab-case values, for a Flower ConfigRecord."""
         return self.model_dump(by_alias=True)
+
+    @property
+    def epochs(self) -> int:
+        """Local epochs per round: `local-epochs`, or the trainable's default when it is 0."""
+        if self.local_epochs:
+            return self.local_epochs
+        return HEAD_LOCAL_EPOCHS if self.trainable == "head" else LORA_LOCAL_EPOCHS
 
     @property
     def eval_cutoff_time(self) -> datetime | None:

@@ -63,7 +63,7 @@ def time_rounds(
 ) -> None:
     encoder = Encoder(load_tokenizer(backbone), cfg.max_length)
     settings = TrainSettings(
-        epochs=cfg.local_epochs,
+        epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         lora_learning_rate=cfg.lora_learning_rate,

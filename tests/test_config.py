@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig
+from shared.config import HEAD_LOCAL_EPOCHS, LORA_LOCAL_EPOCHS, RunConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,6 +78,20 @@ def test_parse_kebab_case_values() -> None:
     assert cfg.learning_rate == 0.5
     assert cfg.seed == 3
     assert cfg.batch_size == 64  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("values", "epochs"),
+    [
+        ({}, HEAD_LOCAL_EPOCHS),  # the head trains on features computed once per round
+        ({"trainable": "lora+head"}, LORA_LOCAL_EPOCHS),  # every LoRA step is a BERT pass
+        ({"local-epochs": 3}, 3),
+        ({"local-epochs": 2, "trainable": "lora+head"}, 2),
+    ],
+)
+def test_local_epochs_zero_means_the_trainables_default(values: dict[str, object], epochs: int) -> None:
+    assert (HEAD_LOCAL_EPOCHS, LORA_LOCAL_EPOCHS) == (10, 1)
+    assert RunConfig.parse(values).epochs == epochs
 
 
 def test_to_record_round_trips() -> None:

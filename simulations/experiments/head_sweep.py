@@ -198,7 +198,7 @@ def settings_grid(
             }
             for e, epochs, batch, lr, rounds, k in itertools.product(
                 eps,
-                lists.get("epochs", [cfg.local_epochs]),
+                lists.get("epochs", [cfg.epochs]),
                 lists.get("batch", [cfg.batch_size]),
                 lists.get("lr", [cfg.learning_rate]),
                 lists.get("rounds", [cfg.num_rounds]),

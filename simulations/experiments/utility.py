@@ -8,8 +8,10 @@ merchants themselves release only noisy histograms):
 - `local-lr`: each merchant's own non-private logistic regression on event-name counts, trained on
   its training customers (every example), scored on its held-out customers; pooled and per merchant;
 - `central-lr`: the same regression on all merchants' training data pooled (non-private);
-- `central-lora`: non-private LoRA on the pooled training data (the upper bound a merchant cannot have);
-- `central-dp`: DP LoRA on the pooled data at the arm's ε (one data owner, customer-level DP);
+- `central-lora`: non-private LoRA + head on the pooled training data, whatever `trainable` says (the
+  upper bound a merchant cannot have);
+- `central-dp`: the run config's model (`trainable`) on the pooled data with customer-level DP at the
+  arm's ε (one data owner);
 - `fed-eps<ε>` / `fed-nodp`: the federated run in process (`simulations.inprocess`: the real ClientApp,
   ledger, DP-SGD and aggregation), each merchant with budget ε; the final adapter is scored.
 
@@ -219,7 +221,7 @@ def arm_central(
     `epsilon` calibrated for the whole plan, or non-private (no noise, no clipping)."""
     model = study_model(cfg)
     settings = TrainSettings(
-        epochs=cfg.local_epochs,
+        epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         lora_learning_rate=cfg.lora_learning_rate or None,
@@ -237,7 +239,7 @@ def arm_central(
             )
         ]
         groups = customer_groups([c.customer_id for c in chosen])
-        plan = StepPlan.of(int(groups.max()) + 1, cfg.batch_size, cfg.local_epochs)
+        plan = StepPlan.of(int(groups.max()) + 1, cfg.batch_size, cfg.epochs)
         if epsilon is not None and r == 0:  # the same customers every round: one calibration
             sigma = calibrate_noise(
                 spent=[],
@@ -405,8 +407,8 @@ def run_arm(
         return arm_local_lr(merchants)
     if arm == "central-lr":
         return arm_central_lr(merchants)
-    if arm == "central-lora":
-        return arm_central(merchants, cfg, encoder, None)
+    if arm == "central-lora":  # LoRA + head whatever the run trains: the bound a merchant cannot reach
+        return arm_central(merchants, cfg.model_copy(update={"trainable": "lora+head"}), encoder, None)
     if arm.startswith("central-dp"):
         return arm_central(merchants, cfg, encoder, float(arm.removeprefix("central-dp")))
     if arm == "fed-nodp":
