@@ -114,7 +114,9 @@ def test_ledger_records_q_over_customers_and_k_examples_each(tiny_bert: str, sho
     assert out.examples == sum(min(3, s) for s in sessions) > n  # several sessions of most customers
     (charge,) = json.loads(settings.ledger_path.read_text())["history"]
     batches = -(-n // 16)  # ceil(customers / batch-size)
-    assert charge["sample_rate"] == pytest.approx(1 / batches) and charge["steps"] == batches
+    # one epoch is ⌈N/B⌉ steps at q = 1/⌈N/B⌉; head-only mode runs 10 epochs a round by default
+    assert cfg.epochs == 10
+    assert charge["sample_rate"] == pytest.approx(1 / batches) and charge["steps"] == batches * cfg.epochs
 
 
 def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str, shop: Path) -> None:
