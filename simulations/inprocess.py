@@ -38,8 +38,10 @@ class InProcessFederation:
 
     def _context(self, node: int) -> Context:
         folder = self.dirs[node - 1]
+        # the folder's own settings (merchant.toml, or a simulated merchant's merchant.json: its budget,
+        # delta and accountant); a bare data folder gets the defaults
         node_config: dict[str, bool | float | int | str] = {"merchant-dir": str(folder)}
-        if not (folder / "merchant.toml").is_file():  # a simulated merchant folder (merchant.json)
+        if not any((folder / name).is_file() for name in ("merchant.toml", "merchant.json")):
             node_config = {"data-dir": str(folder), "merchant-id": folder.name}
         return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={})
 
