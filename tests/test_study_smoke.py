@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from shared.config import RunConfig, parse_sets
 from simulations.experiments import plot, utility
 
-ARMS = ["local-lr", "central-lr", "central-lora", "central-dp8", "fed-eps2", "fed-nodp"]
+ARMS = ["local-lr", "central-lr", "central-lora", "central-dp8", "fed-eps2", "fed-nodp", "fed-eps0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,9 @@ def test_every_arm_has_a_score(study: tuple[Path, list[str]]) -> None:
     out, _ = study
     results = {r["arm"]: r for r in rows(out) if "arm" in r}
     assert sorted(results) == sorted(ARMS)
+    # a budget too small for the plan: every merchant refuses, the arm says so, the others still run
+    refused = results.pop("fed-eps0.01")
+    assert math.isnan(refused["auc"]) and "no merchant" in refused["refused"]
     for arm, r in results.items():
         assert 0.0 <= r["auc"] <= 1.0, arm
         assert r["examples"] == results["local-lr"]["examples"] > 0  # the same held-out customers

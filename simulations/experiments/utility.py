@@ -42,6 +42,7 @@ import torch
 
 from client.data import Encoder, MerchantData, load_events
 from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
+from server.coordinator import NoMerchantTrainedError
 from shared.adapters import load_adapter
 from shared.config import RunConfig, parse_sets
 from shared.model import build_model, load_tokenizer, resolve_backbone
@@ -284,7 +285,11 @@ def arm_federated(
         meta.update(max_epsilon=epsilon, delta=DELTA)
         (target / "merchant.json").write_text(json.dumps(meta))
         copies.append(target)
-    run_dir = run_in_process(cfg, copies, out / name / "run")
+    try:
+        run_dir = run_in_process(cfg, copies, out / name / "run")
+    except NoMerchantTrainedError as err:  # every merchant refused: e.g. ε too small for the plan
+        held = sum(len(m.data.evaluation()) for m in merchants)
+        return {"auc": math.nan, "loss": math.nan, "examples": held, "refused": str(err)}
     from safetensors.torch import load_file
 
     final = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
