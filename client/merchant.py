@@ -181,6 +181,58 @@ def noise_for_run(
     return max(sigma, cfg.noise_multiplier, floor)
 
 
+def round_plan(
+    ledger: Ledger,
+    settings: MerchantSettings,
+    cfg: RunConfig,
+    *,
+    run_id: str,
+    customers: int,
+    target: float,
+) -> tuple[StepPlan, float]:
+    """This run's DP-SGD plan and σ, with the run's evaluations reserved: the most local epochs of
+    `cfg.epoch_options` whose σ fits under the merchant's noise ceiling. With `local-epochs` 0 a small
+    budget (ε = 1 beside the evaluations' reserve) trains fewer epochs instead of refusing; the
+    choice reads only earlier runs' charges, so it is the same every round. Raises the last option's
+    `CalibrationError` when none fits."""
+    reserved = planned_charges(
+        run_id=run_id,
+        num_rounds=cfg.num_rounds,
+        noise_multiplier=settings.eval_noise_multiplier,
+        max_per_run=settings.max_evaluations_per_run,
+    )
+
+    def fit(epochs: int) -> tuple[StepPlan, float]:
+        plan = StepPlan.of(customers, cfg.batch_size, epochs)
+        sigma = noise_for_run(
+            ledger,
+            run_id=run_id,
+            plan=plan,
+            cfg=cfg,
+            floor=settings.min_noise_multiplier,
+            ceiling=settings.max_noise_multiplier,
+            target=target,
+            reserved=reserved,
+        )
+        if epochs != cfg.epochs:
+            log.info(
+                "%s trains %d local epochs, not %d: its budget fits no more under noise multiplier %g",
+                settings.merchant_id,
+                epochs,
+                cfg.epochs,
+                settings.max_noise_multiplier,
+            )
+        return plan, sigma
+
+    *more, fewest = cfg.epoch_options
+    for epochs in more:
+        try:
+            return fit(epochs)
+        except CalibrationError:
+            continue
+    return fit(fewest)
+
+
 def _refuse_before_charge(
     settings: MerchantSettings,
     model: torch.nn.Module,
@@ -227,24 +279,16 @@ def train_round(
         return refusal
     chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
     groups = customer_groups([c.customer_id for c in chosen])
-    # q over customers, not examples: a customer's up-to-k examples make one clipped gradient
-    plan = StepPlan.of(len({c.customer_id for c in chosen}), cfg.batch_size, cfg.epochs)
     try:
         target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
-        sigma = noise_for_run(
+        # q over customers, not examples: a customer's up-to-k examples make one clipped gradient
+        plan, sigma = round_plan(
             ledger,
+            settings,
+            cfg,
             run_id=run_id,
-            plan=plan,
-            cfg=cfg,
-            floor=settings.min_noise_multiplier,
-            ceiling=settings.max_noise_multiplier,
+            customers=len({c.customer_id for c in chosen}),
             target=target,
-            reserved=planned_charges(
-                run_id=run_id,
-                num_rounds=cfg.num_rounds,
-                noise_multiplier=settings.eval_noise_multiplier,
-                max_per_run=settings.max_evaluations_per_run,
-            ),
         )
         charge = Charge(
             round=server_round,
@@ -269,7 +313,7 @@ def train_round(
         model,
         encoder.encode(chosen),
         settings=TrainSettings(
-            epochs=cfg.epochs,
+            epochs=plan.epochs,
             batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
             lora_learning_rate=cfg.lora_learning_rate or None,

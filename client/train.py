@@ -85,13 +85,14 @@ class StepPlan:
 
     sample_rate: float
     steps: int
+    epochs: int = 1
 
     @classmethod
     def of(cls, n_customers: int, batch_size: int, epochs: int) -> StepPlan:
         if n_customers < 1:
             raise ValueError("no training customers")
         batches = math.ceil(n_customers / batch_size)
-        return cls(sample_rate=1.0 / batches, steps=batches * epochs)
+        return cls(sample_rate=1.0 / batches, steps=batches * epochs, epochs=epochs)
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,9 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
         "- accountant: each merchant's own (`accountant` in its ledger): PLD (privacy-loss distribution, "
         "the default) or RDP (Rényi DP), of the Poisson-subsampled Gaussian, composed over every round "
         "and run",
-        f"- rounds: {last_row.get('round', 0)} of {cfg.num_rounds} planned; local epochs {cfg.epochs}, "
+        f"- rounds: {last_row.get('round', 0)} of {cfg.num_rounds} planned; local epochs {cfg.epochs}"
+        + (" (fewer where a merchant's budget fits no more)" if len(cfg.epoch_options) > 1 else "")
+        + ", "
         f"batch size {cfg.batch_size}",
         "",
         *_merchant_table(epsilons),

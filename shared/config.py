@@ -201,6 +201,19 @@ class RunConfig(BaseModel):
         return HEAD_LOCAL_EPOCHS if self.trainable == "head" else LORA_LOCAL_EPOCHS
 
     @property
+    def epoch_options(self) -> tuple[int, ...]:
+        """Local epochs a merchant may train per round, most first: only `local-epochs` when it is
+        set; with 0, the trainable's default and its halvings down to 1 (10, 5, 2, 1), so a merchant
+        whose budget cannot fit the default under its noise ceiling trains fewer epochs instead of
+        refusing (`client.merchant.round_plan`)."""
+        if self.local_epochs:
+            return (self.local_epochs,)
+        options = [self.epochs]
+        while options[-1] > 1:
+            options.append(options[-1] // 2)
+        return tuple(options)
+
+    @property
     def eval_cutoff_time(self) -> datetime | None:
         """`eval-cutoff` as an aware datetime (UTC when it names no zone); None when unset."""
         return parse_cutoff(self.eval_cutoff) if self.eval_cutoff else None

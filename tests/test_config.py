@@ -94,6 +94,20 @@ def test_local_epochs_zero_means_the_trainables_default(values: dict[str, object
     assert RunConfig.parse(values).epochs == epochs
 
 
+@pytest.mark.parametrize(
+    ("values", "options"),
+    [
+        ({}, (10, 5, 2, 1)),  # 0: the default, and fewer where a merchant's budget fits no more
+        ({"trainable": "lora+head"}, (1,)),
+        ({"local-epochs": 3}, (3,)),  # set explicitly: exactly that, or refuse
+    ],
+)
+def test_epoch_options_halve_the_default_down_to_one(
+    values: dict[str, object], options: tuple[int, ...]
+) -> None:
+    assert RunConfig.parse(values).epoch_options == options
+
+
 def test_to_record_round_trips() -> None:
     cfg = RunConfig.parse(
         {

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from client import merchant
+from client.evaluation import planned_charges
 from client.settings import MerchantSettings
+from client.train import StepPlan
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.privacy import Charge, epsilon_of
+from shared.privacy.calibration import CalibrationError, calibrate_noise
 from shared.synthetic import generate_merchant
 
 
@@ -117,6 +120,44 @@ def test_ledger_records_q_over_customers_and_k_examples_each(tiny_bert: str, sho
     # one epoch is ⌈N/B⌉ steps at q = 1/⌈N/B⌉; head-only mode runs 10 epochs a round by default
     assert cfg.epochs == 10
     assert charge["sample_rate"] == pytest.approx(1 / batches) and charge["steps"] == batches * cfg.epochs
+
+
+def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, shop: Path) -> None:
+    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
+    cfg = config(tiny_bert)  # local-epochs 0: 10, or 5, 2, 1 where the budget fits no more
+    n = len(merchant._prepare(settings, cfg)[2].train_customers)
+    reserved = planned_charges(run_id="a", num_rounds=2, noise_multiplier=20.0, max_per_run=11)
+
+    def fits(epochs: int) -> bool:  # the evaluations' reserve plus 2 rounds under σ ≤ 5, by hand
+        plan = StepPlan.of(n, 16, epochs)
+        try:
+            calibrate_noise(
+                spent=reserved,
+                sample_rate=plan.sample_rate,
+                steps_per_round=plan.steps,
+                rounds=2,
+                max_epsilon=1.0,
+                delta=1e-6,
+                upper=5.0,
+            )
+        except CalibrationError:
+            return False
+        return True
+
+    expected = max(e for e in (10, 5, 2, 1) if fits(e))
+    assert expected < 10  # the budget is too small for the default
+    g = global_adapter(cfg, settings)
+    outcomes = [merchant.train_round(settings, cfg, g, server_round=r, run_id="a", seed=r) for r in (1, 2)]
+    assert [o.status for o in outcomes] == ["trained"] * 2
+    history = json.loads(settings.ledger_path.read_text())["history"]
+    assert [h["steps"] for h in history] == [-(-n // 16) * expected] * 2  # the same plan each round
+    assert history[0]["noise_multiplier"] <= 5.0 and outcomes[-1].epsilon <= 1.0
+    clear_caches()
+    fixed = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
+    out = merchant.train_round(
+        fixed, config(tiny_bert, **{"local-epochs": 10}), g, server_round=1, run_id="b", seed=1
+    )
+    assert out.status == "refused-budget"  # an explicit local-epochs is kept, or refused
 
 
 def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str, shop: Path) -> None:
