@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.baseline import LogisticRegression, role_counts
+from client.baseline import LogisticRegression, cross_validated_probabilities, role_counts
 from client.data import Encoder, MerchantData, load_merchant_data
 from client.global_model import latest_global, now, save_model_folder
 from client.settings import MerchantSettings
@@ -55,6 +55,7 @@ LOCAL_ONLY_FILE = "local-only.json"
 STATE_LOG = "personalisation.jsonl"
 LOCAL, GLOBAL, PERSONAL = "local-only", "global", "personalised"
 TRAIN_MODES = ("head", "lora+head")
+CV_FOLDS = 5
 
 
 # --- settings and scores ----------------------------------------------------------------------------
@@ -288,6 +289,9 @@ class PersonaliseReport:
     customers: dict[str, int]
     validation: dict[str, Scores]
     held_out: dict[str, Scores]
+    # the local-only regression's out-of-fold scores over every training customer (`CV_FOLDS` folds):
+    # what it scores on customers it did not fit, on about 5x the validation slice's customers
+    local_cross_validated: Scores | None
     history: list[dict[str, float | None]]
     global_folder: str
     out: str
@@ -310,6 +314,12 @@ class PersonaliseReport:
         for name in (LOCAL, GLOBAL, PERSONAL):
             v, h = self.validation[name], self.held_out[name]
             rows.append(f"{name:14}{_fmt(v.auc):>16}{v.loss:8.4f}{_fmt(h.auc):>15}{h.loss:8.4f}")
+        if self.local_cross_validated is not None:
+            cv = self.local_cross_validated
+            rows.append(
+                f"{LOCAL}, {CV_FOLDS}-fold on its {cv.examples} training customers: AUC {_fmt(cv.auc)}, "
+                f"loss {cv.loss:.4f}"
+            )
         if self.chosen == PERSONAL:
             rows.append(f"kept: the personalised model (best epoch {self.best_epoch})")
         else:
@@ -377,6 +387,16 @@ def personalize(
         role_counts(split.baseline_train), _labels(split.baseline_train), num_classes=num_labels
     )
     held_out[LOCAL] = Scores.of(_labels(split.held_out), local.predict_proba(role_counts(split.held_out)))
+    local_cv = (
+        Scores.of(
+            _labels(split.baseline_train),
+            cross_validated_probabilities(
+                split.baseline_train, num_labels, folds=CV_FOLDS, salt=merchant.merchant_id
+            ),
+        )
+        if len(split.baseline_train) >= CV_FOLDS
+        else None
+    )
     chosen = choose(validation)
     in_folder = PERSONAL if validation[PERSONAL].key() > validation[GLOBAL].key() else GLOBAL
     if in_folder == GLOBAL:
@@ -397,6 +417,7 @@ def personalize(
         },
         validation=validation,
         held_out=held_out,
+        local_cross_validated=local_cv,
         history=fitted.history,
         global_folder=str(source),
         out=str(out),

@@ -14,10 +14,11 @@ from client.baseline import (
     ROLES,
     LogisticRegression,
     baseline_probabilities,
+    cross_validated_probabilities,
     role_counts,
 )
 from shared.schema import Behavior, Event
-from shared.tasks import Candidate
+from shared.tasks import Candidate, stable_hash
 
 
 def candidate(customer: str, behaviours: list[str], label: int = 0) -> Candidate:
@@ -99,3 +100,28 @@ def test_baseline_learns_and_refuses_two_examples_of_one_customer() -> None:
     assert not np.allclose(noisy, exact, atol=1e-2)
     with pytest.raises(ValueError, match="one example per customer"):
         baseline_probabilities([train[0], train[0]], held_out, 2, noise_multiplier=1.0)
+
+
+def test_cross_validated_probabilities_match_a_per_fold_loop() -> None:
+    rng = np.random.default_rng(3)
+    train = [
+        candidate(
+            f"c{i}", ["view"] * int(rng.integers(1, 6)) + ["cart"] * int(rng.integers(0, 3)), int(i % 3 == 0)
+        )
+        for i in range(23)
+    ]
+    oof = cross_validated_probabilities(train, 2, folds=4, salt="m")
+    x, y = role_counts(train), np.array([c.label for c in train])
+    # by hand: customers in order of their hash, dealt into 4 folds; each fold scored without itself
+    ranked = sorted(range(len(train)), key=lambda i: stable_hash("cv", "m", train[i].customer_id))
+    for f in range(4):
+        fold = ranked[f::4]
+        rest = [i for i in range(len(train)) if i not in fold]
+        assert len(fold) in (5, 6)
+        model = LogisticRegression.fit(x[rest], y[rest], num_classes=2)
+        np.testing.assert_allclose(oof[fold], model.predict_proba(x[fold]), rtol=1e-9)
+    in_sample = LogisticRegression.fit(x, y, num_classes=2).predict_proba(x)
+    assert not np.allclose(oof, in_sample, atol=1e-3)  # never the model that fitted the customer
+    assert cross_validated_probabilities(train, 2, folds=4, salt="other").tolist() != oof.tolist()
+    with pytest.raises(ValueError, match="folds"):
+        cross_validated_probabilities(train[:3], 2, folds=4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client import merchant
-from client.baseline import LogisticRegression, role_counts
+from client.baseline import LogisticRegression, cross_validated_probabilities, role_counts
 from client.global_model import GLOBAL_DIR, LATEST_FILE, latest_global
 from client.personalize import (
     GLOBAL,
@@ -34,6 +34,7 @@ from client.train import predict
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.synthetic import generate_merchant
+from shared.tasks import one_per_customer
 from shared.trained import load_trained
 
 CPU = torch.device("cpu")
@@ -177,6 +178,13 @@ def test_fallback_to_local_only_keeps_its_model(
     probs = LogisticRegression(weights).predict_proba(role_counts(held))
     assert Scores.of(labels, probs).loss == pytest.approx(report.held_out[LOCAL].loss)
     assert any("local-only" in line for line in report.lines())
+    # the regression out of fold on every training customer (one session each, as it trains)
+    train = one_per_customer(data.train_candidates, data.train_customers, round_seed="baseline")
+    oof = cross_validated_probabilities(train, 2, folds=5, salt=settings.merchant_id)
+    cv = report.local_cross_validated
+    assert cv is not None and cv.examples == len(data.train_customers)
+    assert cv.loss == pytest.approx(Scores.of(np.asarray([c.label for c in train]), oof).loss)
+    assert any("5-fold" in line for line in report.lines())
 
 
 def s(auc: float | None, loss: float) -> Scores:

@@ -39,7 +39,7 @@ def test_report_contains_every_plot_embedded(run: Path) -> None:
         assert png.startswith(b"\x89PNG") and base64.b64decode(data) == png
     assert 'src="http' not in page and "<script" not in page  # nothing to fetch: self-contained
     assert "DP settings" in page and "<td>m1</td><td>4</td><td>1e-06</td>" in page
-    assert "1 (run config max-grad-norm" in page and "2 completed of 2 planned" in page
+    assert "1.5 (run config max-grad-norm" in page and "2 completed of 2 planned" in page
 
 
 def test_plots_draw_the_rows(tmp_path: Path) -> None:
