@@ -296,3 +296,25 @@ def test_batches_are_cut_to_their_longest_row_with_the_same_outputs(tiny_bert: s
     every = data.inputs(slice(0, 6), CPU)
     assert every["input_ids"].shape[1] == int(lengths.max())
     assert torch.equal(every["input_ids"], data.input_ids[:, : int(lengths.max())])
+
+
+def test_the_default_clip_leaves_a_buyers_single_session_head_gradient_nearly_whole() -> None:
+    """Why `max-grad-norm` is 1.5: on unit-length features the two-logit head's per-example gradient
+    (weights and bias) has norm exactly 2·|p₁ − y|, so a clip of 1 shrank every confident-miss
+    buyer's gradient (p₁ ≈ 0.1: norm 1.8) to 0.55 of it while leaving non-buyers whole, which biased the
+    head towards 'no purchase' (README, "Clip and calibration")."""
+    from shared.config import RunConfig
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 2)
+    for label in (0, 1):
+        x = torch.nn.functional.normalize(torch.randn(16), dim=0)
+        head.zero_grad()
+        logits = head(x)
+        torch.nn.functional.cross_entropy(logits.unsqueeze(0), torch.tensor([label])).backward()
+        p1 = float(torch.softmax(logits, dim=0)[1])
+        grads = [head.weight.grad, head.bias.grad]
+        assert grads[0] is not None and grads[1] is not None
+        assert norm([grads[0], grads[1]]) == pytest.approx(2 * abs(p1 - label), rel=1e-6)
+    clip = RunConfig.parse({}).max_grad_norm
+    assert clip == 1.5 and clip >= 2 * (1 - 0.25)  # a buyer scored p₁ ≥ 0.25 is never clipped
