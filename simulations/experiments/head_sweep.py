@@ -165,7 +165,16 @@ def run(
         b = sum(u[1] * n for u, n in updates) / total  # type: ignore[assignment]
     xh, yh = held
     p = torch.softmax(xh @ w.T + b, dim=1)[:, 1].numpy()
-    return {"auc": round(auc(yh.numpy(), p), 4), "loss": round(log_loss(yh.numpy(), p), 4)}
+    # mean predicted purchase probability against the held-out rate: the head's calibration
+    return {
+        "auc": round(auc(yh.numpy(), p), 4),
+        "loss": round(log_loss(yh.numpy(), p), 4),
+        "mean_p": round(float(p.mean()), 4),
+    }
+
+
+RECIPE = ("epochs", "batch", "lr", "rounds", "k", "clip")
+"""What `--grid recipe` varies (each a comma-separated option)."""
 
 
 def floats(text: str) -> list[float]:
@@ -180,7 +189,8 @@ def settings_grid(
     recipe: dict[str, list[float]] | None = None,
 ) -> list[dict[str, Any]]:
     """The settings to run: the run config's own recipe at each ε (`defaults`), the optimizer sweep
-    (`full`), or the run config's recipe with local epochs × batch × rate × rounds varied (`recipe`)."""
+    (`full`), or the run config's recipe with local epochs × batch × rate × rounds × k × clip varied
+    (`recipe`)."""
     if grid in ("recipe", "defaults"):  # `defaults`: the recipe with nothing varied
         norm = "raw" if cfg.pooling == "mean" else "l2"
         lists = (recipe or {}) if grid == "recipe" else {}
@@ -190,19 +200,20 @@ def settings_grid(
                 "features": norm,
                 "opt": "adam",
                 "lr": lr,
-                "clip": cfg.max_grad_norm,
+                "clip": clip,
                 "batch": int(batch),
                 "k": int(k),
                 "epochs": int(epochs),
                 "rounds": int(rounds),
             }
-            for e, epochs, batch, lr, rounds, k in itertools.product(
+            for e, epochs, batch, lr, rounds, k, clip in itertools.product(
                 eps,
                 lists.get("epochs", [cfg.epochs]),
                 lists.get("batch", [cfg.batch_size]),
                 lists.get("lr", [cfg.learning_rate]),
                 lists.get("rounds", [cfg.num_rounds]),
                 lists.get("k", [cfg.examples_per_customer]),
+                lists.get("clip", [cfg.max_grad_norm]),
             )
         ]
     return [
@@ -227,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("full", "defaults", "recipe"),
         default="full",
         help="full: optimizer × rate × clip × features; defaults: the run config's recipe at each ε; "
-        "recipe: the run config's recipe × --epochs × --batch × --lr × --rounds × --k",
+        "recipe: the run config's recipe × --epochs × --batch × --lr × --rounds × --k × --clip",
     )
-    for name in ("epochs", "batch", "lr", "rounds", "k"):
+    for name in RECIPE:
         parser.add_argument(
             f"--{name}", type=floats, default=None, help=f"comma-separated {name} for --grid recipe"
         )
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {
         "data": args.data,
         "source": "head_sweep",
+        "positive_rate": round(base, 4),
         "constant_loss": round(log_loss(held[1].numpy(), np.full(len(held[1]), base)), 4),
         "merchants": {m.name: len(m.data.train_customers) for m in merchants},
         "local_lr": arm_local_lr(merchants)["median_merchant_auc"],
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(header), flush=True)
     raw = bank.feats
-    recipe = {n: getattr(args, n) for n in ("epochs", "batch", "lr", "rounds", "k") if getattr(args, n)}
+    recipe = {n: getattr(args, n) for n in RECIPE if getattr(args, n)}
     grid = settings_grid(args.grid, cfg, floats(args.eps), args.features.split(","), recipe)
     with (args.out / "results.jsonl").open("a") as sink:
         sink.write(json.dumps({"header": header}) + "\n")
@@ -273,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(1, args.seeds + 1):
                 torch.manual_seed(seed)  # a study's noise; production noise is never seeded
                 runs.append(run(merchants, bank, held, s, s["eps"], s["k"], s.get("rounds", cfg.num_rounds)))
-            result = {key: round(float(np.mean([r[key] for r in runs])), 4) for key in ("auc", "loss")}
+            result = {
+                key: round(float(np.mean([r[key] for r in runs])), 4) for key in ("auc", "loss", "mean_p")
+            }
             if args.seeds > 1:
                 result["auc_sd"] = round(float(np.std([r["auc"] for r in runs], ddof=1)), 4)
             eps = s["eps"] if s["eps"] < 1e5 else None
