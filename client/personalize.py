@@ -8,8 +8,10 @@ merchant's training customers without DP noise, picks the epoch on a validation 
 customers and compares the result there with the global model and the merchant's local-only baseline
 (counts logistic regression, `client.baseline`). The safe rule: keep the personalised model only if it
 beats both on validation, else fall back to the better of them. The three are then scored on the
-merchant's held-out customers (the same split as federated training: they never train). The metrics are
-written to `<state_dir>/personalisation.jsonl` and printed; nothing leaves the merchant.
+merchant's held-out customers (the same split as federated training: they never train). The local-only
+baseline is also scored out of fold over every training customer (`CV_FOLDS` folds), a steadier
+estimate of what the merchant gets alone than either small slice. The metrics are written to
+`<state_dir>/personalisation.jsonl` and printed; nothing leaves the merchant.
 
 Not differentially private towards the merchant's own customers: the personalised model, its
 validation choice and its metrics depend on every training customer without noise. It never leaves the
