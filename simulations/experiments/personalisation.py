@@ -60,7 +60,7 @@ def _cell(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'merchant':12}" + "".join(f"{name:>16}" for name in COLUMNS) + f"{'local 5-fold':>14}  kept"
+    header = f"{'merchant':12}" + "".join(f"{name:>16}" for name in COLUMNS) + f"{'local 5-fold':>14}  chosen"
     sub = f"{'':12}" + "".join(f"{'AUC':>8}{'loss':>8}" for _ in COLUMNS) + f"{'AUC':>14}"
     lines = [header, sub]
     for r in rows:
