@@ -120,7 +120,7 @@ def test_privacy_json_and_card_hold_the_run_figures(run_and_export: tuple[Path, 
     assert (m1["rounds_trained"], m2["rounds_trained"], m2["status_last_round"]) == (2, 1, "refused-budget")
     assert m2["epsilon"] == 3.0 and m2["steps"] == NOT_REPORTED and m2["noise_multiplier"] == NOT_REPORTED
     assert m1["sample_rate"] == NOT_REPORTED and m1["accountant"] == NOT_REPORTED
-    assert record["clipping_norm"] == 1.0 and record["rounds"] == {"planned": 2, "completed": 2}
+    assert record["clipping_norm"] == 1.5 and record["rounds"] == {"planned": 2, "completed": 2}
     assert record["task"] == {"name": "purchase-intent", "labels": ["no-buy", "buy"]}
     assert record["metrics"]["values"]["accuracy"] == 0.7 and record["metrics"]["round"] == 2
     assert record["not_covered"]
