@@ -18,7 +18,16 @@ from sklearn.metrics import roc_auc_score
 from shared.config import RunConfig, parse_sets
 from simulations.experiments import plot, utility
 
-ARMS = ["local-lr", "central-lr", "central-lora", "central-dp8", "fed-eps2", "fed-nodp", "fed-eps0.01"]
+ARMS = [
+    "local-lr",
+    "local-lora",
+    "central-lr",
+    "central-lora",
+    "central-dp8",
+    "fed-eps2",
+    "fed-nodp",
+    "fed-eps0.01",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +56,7 @@ def test_every_arm_has_a_score(study: tuple[Path, list[str]]) -> None:
     assert results["fed-eps2"]["epsilon"] == 2.0 and results["fed-nodp"]["epsilon"] is None
     assert all(s == ["trained"] for rnd in results["fed-eps2"]["rounds"][1:] for s in [rnd["statuses"]])
     assert results["central-dp8"]["noise_multiplier"] > 0 and results["central-lora"]["noise_multiplier"] == 0
+    assert sorted(results["local-lora"]["merchant_auc"]) == sorted(results["local-lr"]["merchant_auc"])
     # each merchant spends the arm's budget, not the default 8 (merchant.json is the merchant's own)
     ledgers = sorted((out / "fed-eps2" / "merchants").glob("*/state/privacy-ledger.json"))
     assert len(ledgers) == 2

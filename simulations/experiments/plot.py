@@ -22,6 +22,7 @@ from typing import Any
 
 BASELINES = {
     "local-lr": "local-only LR (pooled)",
+    "local-lora": "local-only LoRA (pooled)",
     "central-lr": "central LR",
     "central-lora": "central LoRA, non-private",
 }

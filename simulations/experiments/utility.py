@@ -7,6 +7,8 @@ merchants themselves release only noisy histograms):
 
 - `local-lr`: each merchant's own non-private logistic regression on event-name counts, trained on
   its training customers (every example), scored on its held-out customers; pooled and per merchant;
+- `local-lora`: each merchant's own non-private LoRA + head on its training customers alone (the
+  `central-lora` plan on one merchant's data), scored on its held-out customers; pooled and per merchant;
 - `central-lr`: the same regression on all merchants' training data pooled (non-private);
 - `central-lora`: non-private LoRA + head on the pooled training data, whatever `trainable` says (the
   upper bound a merchant cannot have);
@@ -193,13 +195,20 @@ def arm_central_lr(merchants: list[Merchant]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the text model
 
 
-def score_model(model: torch.nn.Module, encoder: Encoder, merchants: list[Merchant]) -> dict[str, Any]:
+def held_out_scores(
+    model: torch.nn.Module, encoder: Encoder, merchants: list[Merchant]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each merchant's held-out labels and the model's purchase probabilities."""
     out = {}
     for m in merchants:
         held = m.data.evaluation()
         probs, _ = predict(model, encoder.encode(held), batch_size=128, device=torch.device("cpu"))
         out[m.name] = (np.array([c.label for c in held]), probs[:, 1])
-    return summary(out)
+    return out
+
+
+def score_model(model: torch.nn.Module, encoder: Encoder, merchants: list[Merchant]) -> dict[str, Any]:
+    return summary(held_out_scores(model, encoder, merchants))
 
 
 def study_model(cfg: RunConfig) -> torch.nn.Module:
@@ -220,6 +229,28 @@ def arm_central(
     `num-rounds` rounds of `local-epochs` epochs, each round on that round's up-to-k sessions of every
     customer (so every customer is seen as often as in the federated run), with customer-level DP at
     `epsilon` calibrated for the whole plan, or non-private (no noise, no clipping)."""
+    model, sigma = train_pooled(merchants, cfg, encoder, epsilon)
+    result = score_model(model, encoder, merchants)
+    result["noise_multiplier"] = round(sigma, 4)
+    return result
+
+
+def arm_local_lora(merchants: list[Merchant], cfg: RunConfig, encoder: Encoder) -> dict[str, Any]:
+    """Each merchant alone with the text model: non-private LoRA + head on its own training customers
+    only (the central arm's plan on one merchant's data), scored on its own held-out customers. What a
+    merchant could build with this project's model without joining."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for m in merchants:
+        model, _ = train_pooled([m], cfg, encoder, None)
+        out.update(held_out_scores(model, encoder, [m]))
+    return summary(out)
+
+
+def train_pooled(
+    merchants: list[Merchant], cfg: RunConfig, encoder: Encoder, epsilon: float | None
+) -> tuple[torch.nn.Module, float]:
+    """The run config's model trained on these merchants' training data pooled (see `arm_central`);
+    returns it and the noise multiplier (0 when non-private)."""
     model = study_model(cfg)
     settings = TrainSettings(
         epochs=cfg.epochs,
@@ -259,9 +290,7 @@ def arm_central(
             device=torch.device("cpu"),
             groups=groups,
         )
-    result = score_model(model, encoder, merchants)
-    result["noise_multiplier"] = round(sigma, 4)
-    return result
+    return model, sigma
 
 
 def arm_federated(
@@ -320,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in arms if not known_arm(a)]
     if unknown:
         raise SystemExit(
-            f"unknown arm(s) {', '.join(unknown)}: choose from local-lr, central-lr, central-lora, "
-            "central-dp<ε>, fed-eps<ε>, fed-nodp (e.g. --arms local-lr,fed-eps8)"
+            f"unknown arm(s) {', '.join(unknown)}: choose from local-lr, local-lora, central-lr, "
+            "central-lora, central-dp<ε>, fed-eps<ε>, fed-nodp (e.g. --arms local-lr,fed-eps8)"
         )
     cfg = RunConfig.parse({"backbone": resolve_backbone(""), **parse_sets(args.set)})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -386,7 +415,7 @@ def capped_folder(folder: Path, merchant: Merchant, root: Path) -> Path:
 
 
 def known_arm(arm: str) -> bool:
-    if arm in ("local-lr", "central-lr", "central-lora", "fed-nodp"):
+    if arm in ("local-lr", "local-lora", "central-lr", "central-lora", "fed-nodp"):
         return True
     for prefix in ("fed-eps", "central-dp"):
         if arm.startswith(prefix):
@@ -412,8 +441,11 @@ def run_arm(
         return arm_local_lr(merchants)
     if arm == "central-lr":
         return arm_central_lr(merchants)
-    if arm == "central-lora":  # LoRA + head whatever the run trains: the bound a merchant cannot reach
-        return arm_central(merchants, cfg.model_copy(update={"trainable": "lora+head"}), encoder, None)
+    lora = cfg.model_copy(update={"trainable": "lora+head"})  # whatever the run trains
+    if arm == "central-lora":  # the bound a merchant cannot reach
+        return arm_central(merchants, lora, encoder, None)
+    if arm == "local-lora":  # what a merchant can reach alone with the text model
+        return arm_local_lora(merchants, lora, encoder)
     if arm.startswith("central-dp"):
         return arm_central(merchants, cfg, encoder, float(arm.removeprefix("central-dp")))
     if arm == "fed-nodp":
