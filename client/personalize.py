@@ -45,7 +45,7 @@ from client.train import Encoded, TrainSettings, make_optimizer, predict
 from shared.adapters import load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
-from shared.metrics import roc_auc
+from shared.metrics import AucDifference, paired_auc_difference, roc_auc
 from shared.model import build_model, freeze_for, load_tokenizer, resolve_backbone, resolve_device
 from shared.tasks import Candidate, one_per_customer, split_customers, up_to_k_per_customer
 from shared.trained import ADAPTER_CONFIG, read_run_config
@@ -56,6 +56,7 @@ REPORT_FILE = "personalisation.json"
 LOCAL_ONLY_FILE = "local-only.json"
 STATE_LOG = "personalisation.jsonl"
 LOCAL, GLOBAL, PERSONAL = "local-only", "global", "personalised"
+KEPT = "kept"  # the model the safe rule chose
 TRAIN_MODES = ("head", "lora+head")
 CV_FOLDS = 5
 
@@ -294,6 +295,10 @@ class PersonaliseReport:
     # the local-only regression's out-of-fold scores over every training customer (`CV_FOLDS` folds):
     # what it scores on customers it did not fit, on about 5x the validation slice's customers
     local_cross_validated: Scores | None
+    # held-out AUC of the global and of the kept model minus the local-only one's, with a 95% paired
+    # bootstrap interval over the held-out customers (binary tasks): "does joining help me?", and how
+    # sure the held-out set can make the merchant of it
+    gain_over_local: dict[str, AucDifference | None]
     history: list[dict[str, float | None]]
     global_folder: str
     out: str
@@ -321,6 +326,14 @@ class PersonaliseReport:
             rows.append(
                 f"{LOCAL}, {CV_FOLDS}-fold on its {cv.examples} training customers: AUC {_fmt(cv.auc)}, "
                 f"loss {cv.loss:.4f}"
+            )
+        gains = {name: gain for name, gain in self.gain_over_local.items() if gain is not None}
+        if gains:
+            level = next(iter(gains.values())).level
+            rows.append(
+                "held-out AUC minus local-only's ["
+                + f"{level:.0%} paired bootstrap over held-out customers]: "
+                + ", ".join(f"{name} {gain}" for name, gain in gains.items())
             )
         if self.chosen == PERSONAL:
             rows.append(f"kept: the personalised model (best epoch {self.best_epoch})")
@@ -370,13 +383,20 @@ def personalize(
     fit, val, held = (encoder.encode(s) for s in (split.fit, split.validation, split.held_out))
     num_labels = cfg.task_spec.num_labels
 
+    held_labels = _labels(split.held_out)
+    held_probs: dict[str, np.ndarray] = {}  # each model's held-out probabilities, for the gain intervals
+
     def scores(x: Encoded, candidates: list[Candidate]) -> Scores:
         return Scores.of(_labels(candidates), predict(model, x, batch_size=128, device=device)[0])
 
+    def held_scores(name: str) -> Scores:
+        held_probs[name] = predict(model, held, batch_size=128, device=device)[0]
+        return Scores.of(held_labels, held_probs[name])
+
     global_state = _trainable_state(model)
-    validation, held_out = {GLOBAL: scores(val, split.validation)}, {GLOBAL: scores(held, split.held_out)}
+    validation, held_out = {GLOBAL: scores(val, split.validation)}, {GLOBAL: held_scores(GLOBAL)}
     fitted = fine_tune(model, fit, val, settings, device)
-    validation[PERSONAL], held_out[PERSONAL] = scores(val, split.validation), scores(held, split.held_out)
+    validation[PERSONAL], held_out[PERSONAL] = scores(val, split.validation), held_scores(PERSONAL)
     # local-only: compared on validation fitted on the fit customers, reported fitted on all training ones
     fit_one = one_per_customer(
         data.train_candidates, {c.customer_id for c in split.fit}, round_seed="baseline"
@@ -388,7 +408,8 @@ def personalize(
     local = LogisticRegression.fit(
         role_counts(split.baseline_train), _labels(split.baseline_train), num_classes=num_labels
     )
-    held_out[LOCAL] = Scores.of(_labels(split.held_out), local.predict_proba(role_counts(split.held_out)))
+    held_probs[LOCAL] = local.predict_proba(role_counts(split.held_out))
+    held_out[LOCAL] = Scores.of(held_labels, held_probs[LOCAL])
     local_cv = (
         Scores.of(
             _labels(split.baseline_train),
@@ -400,6 +421,12 @@ def personalize(
         else None
     )
     chosen = choose(validation)
+    gain_over_local = {
+        name: paired_auc_difference(held_labels, held_probs[model_name][:, 1], held_probs[LOCAL][:, 1])
+        if num_labels == 2
+        else None
+        for name, model_name in ((GLOBAL, GLOBAL), (KEPT, chosen))
+    }
     in_folder = PERSONAL if validation[PERSONAL].key() > validation[GLOBAL].key() else GLOBAL
     if in_folder == GLOBAL:
         params = dict(model.named_parameters())
@@ -420,6 +447,7 @@ def personalize(
         validation=validation,
         held_out=held_out,
         local_cross_validated=local_cv,
+        gain_over_local=gain_over_local,
         history=fitted.history,
         global_folder=str(source),
         out=str(out),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from shared.metrics import accuracy, macro_f1, roc_auc
+from shared.metrics import accuracy, macro_f1, paired_auc_difference, roc_auc
 
 SEEDS = range(25)
 
@@ -198,3 +198,60 @@ def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_pat
         rows[0]["merchants"]["m2"]["status"] == "evaluated" and "local_baseline" in rows[0]["merchants"]["m2"]
     )
     assert rows[1]["merchants"]["m1"]["status"] == "trained" and "local_baseline" not in rows[1]["global"]
+
+
+def _two_models(rng: np.random.Generator, n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = (rng.random(n) < rate).astype(int)
+    signal = y + rng.normal(0.0, 1.5, n)  # shared by both models, as two models of one customer are
+    return y, signal + rng.normal(0.0, 0.5, n), np.round(signal + rng.normal(0.0, 0.5, n), 1)  # b: ties
+
+
+def test_paired_auc_difference_matches_a_per_draw_loop() -> None:
+    y, a, b = _two_models(np.random.default_rng(3), 80, 0.3)
+    got = paired_auc_difference(y, a, b, draws=300, seed=11)
+    assert got is not None
+    assert got.estimate == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    # the same multiplicities, each draw expanded into a resampled dataset and scored by sklearn
+    w = np.random.default_rng(11).multinomial(len(y), np.full(len(y), 1 / len(y)), size=300)
+    diffs = []
+    for counts in w:
+        idx = np.repeat(np.arange(len(y)), counts)
+        assert 0 < y[idx].sum() < len(idx)  # every draw has both classes here: none redrawn
+        diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    assert (got.low, got.high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert got.low < got.estimate < got.high
+
+
+def test_paired_auc_difference_of_a_model_with_itself_is_exactly_zero() -> None:
+    y, a, _ = _two_models(np.random.default_rng(0), 50, 0.2)
+    got = paired_auc_difference(y, a, a.copy(), draws=200)
+    assert got is not None and (got.estimate, got.low, got.high) == (0.0, 0.0, 0.0)
+
+
+def test_paired_auc_difference_covers_a_true_zero_about_95_percent() -> None:
+    # two models of the same quality: the true difference is 0; the interval should hold it ~95% of the time
+    rng = np.random.default_rng(5)
+    hits = 0
+    for trial in range(200):
+        y, a, b = _two_models(rng, 120, 0.25)
+        got = paired_auc_difference(y, a, b, draws=400, seed=trial)
+        assert got is not None
+        hits += got.low <= 0.0 <= got.high
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_paired_auc_difference_sees_a_better_model() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.3).astype(int)
+    good, noise = y + rng.normal(0, 0.5, 400), rng.normal(0, 1, 400)
+    got = paired_auc_difference(y, good, noise)
+    assert got is not None and got.low > 0.2
+
+
+def test_paired_auc_difference_input_errors() -> None:
+    assert paired_auc_difference([0, 0, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]) is None
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_auc_difference([0, 1], [0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="level"):
+        paired_auc_difference([0, 1], [0.1, 0.2], [0.2, 0.1], level=1.0)

@@ -135,6 +135,13 @@ def test_personalise_end_to_end_and_predict_on_the_result(tiny_bert: str, shop: 
     assert not report.fit_ids & report.validation_ids
     assert report.fit_ids | report.validation_ids <= set(data.train_customers)
     assert report.chosen in (LOCAL, GLOBAL, PERSONAL) and report.chosen == choose(report.validation)
+    # the gain over local-only is the held-out AUC difference (its interval: tests/test_metrics.py)
+    for name, model_name in (("global", GLOBAL), ("kept", report.chosen)):
+        gain = report.gain_over_local[name]
+        auc, local_auc = report.held_out[model_name].auc, report.held_out[LOCAL].auc
+        assert gain is not None and auc is not None and local_auc is not None
+        assert gain.estimate == pytest.approx(auc - local_auc, abs=1e-9) and gain.low <= gain.high
+    assert any("paired bootstrap" in line for line in report.lines())
     # the folder holds the model the report scored
     trained = load_trained(out)
     held = data.evaluation()
@@ -260,6 +267,7 @@ def test_the_experiment_prints_one_row_per_merchant(
     assert personalisation.main([*argv, "--out", str(out)]) == 0
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert row["merchant"] == settings.merchant_id and row["kept_auc"] == row[f"{row['chosen']}_auc"]
+    assert row["kept_gain_estimate"] == pytest.approx(row["kept_auc"] - row["local-only_auc"], abs=1e-9)
     printed = capsys.readouterr().out
     assert "median" in printed and settings.merchant_id in printed
     assert personalisation.medians([row])["global_loss"] == row["global_loss"]

@@ -23,9 +23,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from client.personalize import GLOBAL, LOCAL, PERSONAL, TRAIN_MODES, PersonaliseSettings, personalize
+from client.personalize import (
+    GLOBAL,
+    KEPT,
+    LOCAL,
+    PERSONAL,
+    TRAIN_MODES,
+    PersonaliseSettings,
+    personalize,
+)
 
-KEPT = "kept"
 COLUMNS = (LOCAL, GLOBAL, PERSONAL, KEPT)
 
 
@@ -43,6 +50,11 @@ def merchant_row(report: Any) -> dict[str, Any]:
         # the local-only regression's AUC out of fold on every training customer: a steadier
         # estimate of what the merchant alone gets than its held-out AUC (5x the customers)
         "local_cv_auc": report.local_cross_validated.auc if report.local_cross_validated else None,
+        # kept minus local-only held-out AUC, with its 95% paired bootstrap interval
+        **{
+            f"kept_gain_{part}": getattr(report.gain_over_local.get(KEPT), part, None)
+            for part in ("estimate", "low", "high")
+        },
     }
 
 
@@ -60,12 +72,18 @@ def _cell(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'merchant':12}" + "".join(f"{name:>16}" for name in COLUMNS) + f"{'local 5-fold':>14}  chosen"
+    header = (
+        f"{'merchant':12}"
+        + "".join(f"{name:>16}" for name in COLUMNS)
+        + f"{'local 5-fold':>14}  {'kept − local [95%]':>24}  chosen"
+    )
     sub = f"{'':12}" + "".join(f"{'AUC':>8}{'loss':>8}" for _ in COLUMNS) + f"{'AUC':>14}"
     lines = [header, sub]
     for r in rows:
         cells = "".join(f"  {_cell(r[f'{n}_auc'])}  {_cell(r[f'{n}_loss'])}" for n in COLUMNS)
-        lines.append(f"{r['merchant']:12}{cells}  {'':6}{_cell(r['local_cv_auc'])}  {r['chosen']}")
+        lines.append(
+            f"{r['merchant']:12}{cells}  {'':6}{_cell(r['local_cv_auc'])}  {_gain(r):>24}  {r['chosen']}"
+        )
     m = medians(rows)
     cv = [r["local_cv_auc"] for r in rows if r["local_cv_auc"] is not None]
     lines.append(
@@ -73,13 +91,24 @@ def table(rows: list[dict[str, Any]]) -> str:
         + "".join(f"  {_cell(m[f'{n}_auc'])}  {_cell(m[f'{n}_loss'])}" for n in COLUMNS)
         + f"  {'':6}{_cell(statistics.median(cv) if cv else None)}"
     )
-    below = [r["merchant"] for r in rows if (r[f"{KEPT}_auc"] or 0.0) < (r[f"{LOCAL}_auc"] or 0.0)]
-    lines.append(
-        "kept ≥ local-only (held-out AUC) at every merchant"
-        if not below
-        else f"kept below local-only (held-out AUC) at: {', '.join(below)}"
-    )
+    below = [r for r in rows if (r[f"{KEPT}_auc"] or 0.0) < (r[f"{LOCAL}_auc"] or 0.0)]
+    if not below:
+        lines.append("kept ≥ local-only (held-out AUC) at every merchant")
+    else:
+        lines.append(f"kept below local-only (held-out AUC) at: {', '.join(r['merchant'] for r in below)}")
+        sure = [r["merchant"] for r in below if r["kept_gain_high"] is not None and r["kept_gain_high"] < 0]
+        lines.append(
+            f"  of which the 95% interval excludes 0 at: {', '.join(sure)}"
+            if sure
+            else "  at each the 95% interval holds 0: the held-out set cannot tell the two apart"
+        )
     return "\n".join(lines)
+
+
+def _gain(row: dict[str, Any]) -> str:
+    if row["kept_gain_estimate"] is None:
+        return "-"
+    return f"{row['kept_gain_estimate']:+.3f} [{row['kept_gain_low']:+.3f}, {row['kept_gain_high']:+.3f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
