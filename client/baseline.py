@@ -1,8 +1,9 @@
 """The merchant's local-only baseline: what it could build alone, to compare the federated model with.
 
-An L2-regularised (multinomial) logistic regression on behaviour-role counts of each example's
-events, fitted on the merchant's own training customers (one example each) and evaluated on its
-held-out customers. Plain NumPy (Newton's method), no new dependency.
+An L2-regularised (multinomial) logistic regression on behaviour counts of each example's events
+(its funnel roles and the shop's own event names, hashed into public buckets), fitted on the
+merchant's own training customers (one example each) and evaluated on its held-out customers.
+Plain NumPy (Newton's method), no new dependency.
 
 It is private towards the training customers by output perturbation (Chaudhuri et al. 2011): the
 objective Σᵢ ℓᵢ(W) + (Λ/2)‖W‖² is Λ-strongly convex and each ℓᵢ is L-Lipschitz in W (features are
@@ -14,6 +15,7 @@ evaluation then leaves through the same noisy, charged histogram as the federate
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,17 +35,33 @@ DEFAULT_L2 = 5.0
 """Λ: more shrinks the weights towards 0 and the noise (σ·L/Λ) with them."""
 
 
-def role_counts(candidates: Sequence[Candidate]) -> np.ndarray:
-    """Features per example: log(1 + count) of each behaviour role in its events and of their
-    number, divided by `COUNT_SCALE`, the vector clipped to norm ≤ 1.
+NAME_BUCKETS = 32
+"""The shop's own event names ("promo page", "filter results") are counted in this many hashed buckets:
+a public feature map, the same for every merchant and every export. A vocabulary read off the
+merchant's data would make one customer's features depend on the others' (and break the bound
+below); names that share a bucket are counted together."""
 
-    Log counts: a customer with 40 views is not 40 times one with one view.
+
+@functools.lru_cache(maxsize=4096)
+def name_bucket(name: str) -> int:
+    """The hashed bucket of an event name (its readable form, `Event.name`)."""
+    return stable_hash("baseline-event-name", name) % NAME_BUCKETS
+
+
+def behaviour_counts(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Features per example: log(1 + count) of each behaviour role in its events, of each hashed
+    event-name bucket, and of their number, divided by `COUNT_SCALE`, the vector clipped to norm ≤ 1.
+
+    Log counts: a customer with 40 views is not 40 times one with one view. An event without a shop
+    name counts under its role's name, so a closed-vocabulary export gets the role counts twice.
     """
-    counts = np.zeros((len(candidates), len(ROLES) + 1), dtype=np.float64)
+    roles = len(ROLES)
+    counts = np.zeros((len(candidates), roles + NAME_BUCKETS + 1), dtype=np.float64)
     index = {role: i for i, role in enumerate(ROLES)}
     for row, candidate in enumerate(candidates):
         for event in candidate.prefix:
             counts[row, index[event.behavior]] += 1.0
+            counts[row, roles + name_bucket(event.name)] += 1.0
         counts[row, -1] = len(candidate.prefix)
     x = np.log1p(counts) / COUNT_SCALE
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -142,8 +160,8 @@ def baseline_probabilities(
     if len({c.customer_id for c in train}) != len(train):
         raise ValueError("the baseline's training set must hold one example per customer (its privacy unit)")
     labels = np.asarray([c.label for c in train], dtype=np.int64)
-    model = LogisticRegression.fit(role_counts(train), labels, num_classes=num_classes, l2=l2)
-    x = role_counts(held_out)
+    model = LogisticRegression.fit(behaviour_counts(train), labels, num_classes=num_classes, l2=l2)
+    x = behaviour_counts(held_out)
     return model.perturbed(noise_multiplier, l2=l2, seed=seed).predict_proba(x), model.predict_proba(x)
 
 
@@ -162,7 +180,7 @@ def cross_validated_probabilities(
     order = sorted(range(len(train)), key=lambda i: stable_hash("cv", salt, train[i].customer_id))
     fold = np.empty(len(train), dtype=np.int64)
     fold[order] = np.arange(len(train)) % folds
-    x = role_counts(train)
+    x = behaviour_counts(train)
     labels = np.asarray([c.label for c in train], dtype=np.int64)
     out = np.zeros((len(train), num_classes))
     for f in range(folds):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.baseline import LogisticRegression, cross_validated_probabilities, role_counts
+from client.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
 from client.data import Encoder, MerchantData, load_merchant_data
 from client.global_model import latest_global, now, save_model_folder
 from client.settings import MerchantSettings
@@ -401,14 +401,14 @@ def personalize(
     fit_one = one_per_customer(
         data.train_candidates, {c.customer_id for c in split.fit}, round_seed="baseline"
     )
-    local_val = LogisticRegression.fit(role_counts(fit_one), _labels(fit_one), num_classes=num_labels)
+    local_val = LogisticRegression.fit(behaviour_counts(fit_one), _labels(fit_one), num_classes=num_labels)
     validation[LOCAL] = Scores.of(
-        _labels(split.validation), local_val.predict_proba(role_counts(split.validation))
+        _labels(split.validation), local_val.predict_proba(behaviour_counts(split.validation))
     )
     local = LogisticRegression.fit(
-        role_counts(split.baseline_train), _labels(split.baseline_train), num_classes=num_labels
+        behaviour_counts(split.baseline_train), _labels(split.baseline_train), num_classes=num_labels
     )
-    held_probs[LOCAL] = local.predict_proba(role_counts(split.held_out))
+    held_probs[LOCAL] = local.predict_proba(behaviour_counts(split.held_out))
     held_out[LOCAL] = Scores.of(held_labels, held_probs[LOCAL])
     local_cv = (
         Scores.of(
@@ -483,7 +483,7 @@ def _write_out(
         if local is not None:
             atomic_write_json(
                 staged / LOCAL_ONLY_FILE,
-                {"features": "client.baseline.role_counts", "weights": local.weights.tolist()},
+                {"features": "client.baseline.behaviour_counts", "weights": local.weights.tolist()},
             )
         (staged / "README.md").write_text(model_card(cfg, report), encoding="utf-8")
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -11,20 +11,29 @@ from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 from client.baseline import (
     COUNT_SCALE,
     LIPSCHITZ,
+    NAME_BUCKETS,
     ROLES,
     LogisticRegression,
     baseline_probabilities,
+    behaviour_counts,
     cross_validated_probabilities,
-    role_counts,
 )
 from shared.schema import Behavior, Event
 from shared.tasks import Candidate, stable_hash
 
 
-def candidate(customer: str, behaviours: list[str], label: int = 0) -> Candidate:
+def candidate(
+    customer: str, behaviours: list[str], label: int = 0, names: list[str] | None = None
+) -> Candidate:
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     events = tuple(
-        Event(customer_id=customer, session_id="s", timestamp=t0 + timedelta(minutes=i), behavior=b)
+        Event(
+            customer_id=customer,
+            session_id="s",
+            timestamp=t0 + timedelta(minutes=i),
+            behavior=b,
+            event_name=names[i] if names else None,
+        )
         for i, b in enumerate(behaviours)
     )
     return Candidate(customer, "s", events, label)
@@ -38,13 +47,36 @@ def data(seed: int, n: int, features: int, classes: int) -> tuple[np.ndarray, np
     return x, y
 
 
-def test_role_counts_by_hand() -> None:
-    x = role_counts([candidate("a", ["view", "view", "cart"])])
-    raw = np.zeros(len(ROLES) + 1)
-    raw[ROLES.index(Behavior.VIEW)], raw[ROLES.index(Behavior.CART)], raw[-1] = 2, 1, 3
+def test_behaviour_counts_by_hand() -> None:
+    names = ["product_view", "promo page", "product_view", "add_to_cart"]
+    x = behaviour_counts([candidate("a", ["view", "other", "view", "cart"], names=names)])
+    raw = np.zeros(len(ROLES) + NAME_BUCKETS + 1)
+    raw[ROLES.index(Behavior.VIEW)], raw[ROLES.index(Behavior.OTHER)], raw[ROLES.index(Behavior.CART)] = (
+        2,
+        1,
+        1,
+    )
+    for name, n in (("product view", 2), ("promo page", 1), ("add to cart", 1)):  # Event.name's readable form
+        raw[len(ROLES) + stable_hash("baseline-event-name", name) % NAME_BUCKETS] += n
+    raw[-1] = 4
     np.testing.assert_allclose(x[0], np.log1p(raw) / COUNT_SCALE)
-    long = role_counts([candidate("b", ["view"] * 500 + ["buy"] * 500)])
+    long = behaviour_counts([candidate("b", ["view"] * 500 + ["buy"] * 500)])
     assert np.linalg.norm(long[0]) == pytest.approx(1.0)  # clipped: every example's norm ≤ 1
+
+
+def test_event_names_tell_apart_what_their_roles_do_not() -> None:
+    # two shops' exports with the same funnel roles: the names are what the regression can learn from
+    home = candidate("a", ["other"] * 3, names=["home"] * 3)
+    search = candidate("b", ["other"] * 3, names=["filter_results"] * 3)
+    x = behaviour_counts([home, search])
+    roles = len(ROLES)
+    np.testing.assert_array_equal(x[0, :roles], x[1, :roles])
+    assert not np.array_equal(x[0, roles:-1], x[1, roles:-1])
+    # an event without a shop name counts under its role's name
+    plain = behaviour_counts([candidate("c", ["view", "view"])])[0]
+    assert plain[roles + stable_hash("baseline-event-name", "view") % NAME_BUCKETS] == pytest.approx(
+        np.log1p(2) / COUNT_SCALE
+    )
 
 
 @pytest.mark.parametrize("l2", [0.5, 5.0])
@@ -71,7 +103,7 @@ def test_binary_fit_matches_sklearn() -> None:
 def test_removing_one_customer_moves_the_weights_by_at_most_l_over_lambda(seed: int) -> None:
     # the output-perturbation guarantee rests on this bound: check it where it is tightest (an outlier)
     x, y = data(seed, 80, 5, 3)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1.0)  # as role_counts clips
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1.0)  # as behaviour_counts clips
     x[0] = np.eye(5)[0]  # a unit-norm outlier with a rare label
     y[0] = 2
     l2 = 1.0
@@ -111,7 +143,7 @@ def test_cross_validated_probabilities_match_a_per_fold_loop() -> None:
         for i in range(23)
     ]
     oof = cross_validated_probabilities(train, 2, folds=4, salt="m")
-    x, y = role_counts(train), np.array([c.label for c in train])
+    x, y = behaviour_counts(train), np.array([c.label for c in train])
     # by hand: customers in order of their hash, dealt into 4 folds; each fold scored without itself
     ranked = sorted(range(len(train)), key=lambda i: stable_hash("cv", "m", train[i].customer_id))
     for f in range(4):

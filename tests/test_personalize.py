@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client import merchant
-from client.baseline import LogisticRegression, cross_validated_probabilities, role_counts
+from client.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
 from client.global_model import GLOBAL_DIR, LATEST_FILE, latest_global
 from client.personalize import (
     GLOBAL,
@@ -182,7 +182,7 @@ def test_fallback_to_local_only_keeps_its_model(
     data = merchant._prepare(settings, cfg)[2]
     held = data.evaluation()
     labels = np.asarray([c.label for c in held])
-    probs = LogisticRegression(weights).predict_proba(role_counts(held))
+    probs = LogisticRegression(weights).predict_proba(behaviour_counts(held))
     assert Scores.of(labels, probs).loss == pytest.approx(report.held_out[LOCAL].loss)
     assert any("local-only" in line for line in report.lines())
     # the regression out of fold on every training customer (one session each, as it trains)
