@@ -72,7 +72,12 @@ class AucDifference:
     draws: int
 
     def __str__(self) -> str:
-        return f"{self.estimate:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+        return format_difference(self.estimate, self.low, self.high)
+
+
+def format_difference(estimate: float, low: float, high: float) -> str:
+    """A difference and its interval as reports print them: "+0.020 [-0.097, +0.127]"."""
+    return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _pair_matrix(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from client.personalize import (
     PersonaliseSettings,
     personalize,
 )
+from shared.metrics import format_difference
 
 COLUMNS = (LOCAL, GLOBAL, PERSONAL, KEPT)
 
@@ -108,7 +109,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _gain(row: dict[str, Any]) -> str:
     if row["kept_gain_estimate"] is None:
         return "-"
-    return f"{row['kept_gain_estimate']:+.3f} [{row['kept_gain_low']:+.3f}, {row['kept_gain_high']:+.3f}]"
+    return format_difference(row["kept_gain_estimate"], row["kept_gain_low"], row["kept_gain_high"])
 
 
 def main(argv: list[str] | None = None) -> int:
