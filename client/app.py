@@ -1,8 +1,9 @@
-"""Flower ClientApp: decode the message, call `client.merchant`, encode the reply. Nothing else.
+"""Flower ClientApp: decode the request (`shared.protocol`), call `client.merchant`, encode the reply.
 
 The model, tokenizer and data are cached at module level by `client.merchant` (a ClientApp object is
-rebuilt for every message). Only adapter tensors, scalar metrics, noisy evaluation histograms and a
-status with a fixed short reason are put in a reply: an exception's text stays in the merchant's log.
+rebuilt for every message). A reply carries only the values `shared.protocol.REPLY_FIELDS` declares,
+each a DP release or public, and a status with a fixed reason: an exception's text stays in the
+merchant's log.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import merchant
 from client.settings import MerchantSettings, from_node_config
-from shared import histograms, protocol
+from shared import protocol
 from shared.config import RunConfig
+from shared.protocol import Reason, Reply, Status
 
 log = logging.getLogger(__name__)
 
@@ -36,109 +38,97 @@ def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
     return from_node_config(context.node_config, cfg.sim_root)
 
 
-class BadRequestError(ValueError):
-    """The coordinator's message could not be read (missing record, wrong type, invalid run config)."""
-
-
-def _decode(msg: Message) -> tuple[RunConfig, int, str, dict]:
-    try:
-        cfg = RunConfig.parse(dict(msg.content[protocol.CONFIG]))
-        rnd = msg.content[protocol.ROUND]
-        adapter = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
-        return cfg, int(rnd[protocol.SERVER_ROUND]), str(rnd[protocol.RUN_KEY]), adapter  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError) as err:
-        raise BadRequestError(f"{type(err).__name__}: {err}") from err
-
-
 # The reason a refusal or failure carries when the merchant code gave none.
-_DEFAULT_REASON = {merchant.REFUSED_BUDGET: merchant.BUDGET, merchant.FAILED: merchant.ERROR}
+_DEFAULT_REASON = {Status.REFUSED: Reason.BUDGET, Status.FAILED: Reason.ERROR}
 
 
-def _status(status: str, merchant_id: str, code: str = "") -> ConfigRecord:
+def _reason(status: Status, code: str) -> Reason:
     # Only a fixed reason may cross; anything else (a detail, an exception's text) becomes "error".
-    reason = (code if code in merchant.WIRE_REASONS else merchant.ERROR) or _DEFAULT_REASON.get(status, "")
-    return ConfigRecord({"status": status, "merchant-id": merchant_id, "reason": reason})
+    try:
+        reason = Reason(code)
+    except ValueError:
+        return Reason.ERROR
+    return reason if reason is not Reason.NONE else _DEFAULT_REASON.get(status, Reason.NONE)
 
 
-def _failure(msg: Message, merchant_id: str, code: str) -> Message:
-    content = RecordDict(
-        {protocol.METRICS: MetricRecord({}), protocol.STATUS: _status(merchant.FAILED, merchant_id, code)}
-    )
-    return Message(content=content, reply_to=msg)
+def _reply(msg: Message, reply: Reply) -> Message:
+    return Message(content=protocol.encode_reply(reply), reply_to=msg)
 
 
-Handler = Callable[[RunConfig, int, str, dict, MerchantSettings], RecordDict]
+Handler = Callable[[RunConfig, protocol.Request, MerchantSettings], Reply]
 
 
-def _answer(msg: Message, context: Context, handler: Handler) -> Message:
+def _answer(msg: Message, context: Context, handler: Handler, kind: str) -> Message:
     """Run `handler` on the decoded request. Any exception becomes a `failed` reply with a fixed
     reason and its text is logged here only: left to Flower, `str(exception)` would be sent to the
     coordinator verbatim."""
-    kind = msg.metadata.message_type
     try:
-        cfg, server_round, run_key, adapter = _decode(msg)
-        settings = _settings(context, cfg)
-    except BadRequestError as err:
+        request = protocol.decode_request(msg.content)
+        cfg = RunConfig.parse(request.config)
+    except ValueError as err:  # BadRequestError or an invalid run config
         log.error("refusing a malformed %s request: %s", kind, err)
-        return _failure(msg, "", merchant.BAD_REQUEST)
+        return _reply(msg, Reply(kind, Status.FAILED, reason=Reason.BAD_REQUEST))
+    try:
+        settings = _settings(context, cfg)
     except Exception:
         log.exception("%s request: merchant settings could not be loaded", kind)
-        return _failure(msg, "", merchant.ERROR)
+        return _reply(msg, Reply(kind, Status.FAILED, reason=Reason.ERROR))
     try:
-        content = handler(cfg, server_round, run_key, adapter, settings)
+        reply = handler(cfg, request, settings)
     except Exception:
-        log.exception("%s %s request failed (round %d)", settings.merchant_id, kind, server_round)
-        return _failure(msg, settings.merchant_id, merchant.ERROR)
-    return Message(content=content, reply_to=msg)
+        log.exception("%s %s request failed (round %d)", settings.merchant_id, kind, request.server_round)
+        reply = Reply(kind, Status.FAILED, settings.merchant_id, Reason.ERROR)
+    return _reply(msg, reply)
 
 
-def _train(
-    cfg: RunConfig, server_round: int, run_key: str, adapter: dict, settings: MerchantSettings
-) -> RecordDict:
-    outcome = merchant.train_round(settings, cfg, adapter, server_round=server_round, run_id=run_key)
-    metrics = MetricRecord(
-        {"epsilon": outcome.epsilon, "delta": outcome.delta, "examples": outcome.examples, **outcome.metrics}
+def _train(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
+    outcome = merchant.train_round(
+        settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
     )
-    content = RecordDict(
-        {
-            protocol.METRICS: metrics,
-            protocol.STATUS: _status(outcome.status, outcome.merchant_id, outcome.code),
-        }
+    status = Status(outcome.status)
+    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta}
+    if status is Status.TRAINED:  # the run's public size and the charge's public parameters
+        metrics |= {"examples": float(outcome.examples), **outcome.metrics}
+    return Reply(
+        protocol.TRAIN,
+        status,
+        outcome.merchant_id,
+        _reason(status, outcome.code),
+        metrics=metrics,
+        adapter=outcome.adapter,  # already through the outgoing guard
+        privacy=outcome.privacy,  # the ledger's accountant and privacy unit: words from a fixed set
     )
-    if outcome.adapter is not None:
-        content[protocol.ARRAYS] = ArrayRecord(outcome.adapter)  # already through the outgoing guard
-    if outcome.privacy:  # the ledger's accountant and privacy unit: words from a fixed set
-        content[protocol.PRIVACY] = ConfigRecord(outcome.privacy)  # type: ignore[arg-type]
-    return content
 
 
-def _evaluate(
-    cfg: RunConfig, server_round: int, run_key: str, adapter: dict, settings: MerchantSettings
-) -> RecordDict:
-    outcome = merchant.evaluate_round(settings, cfg, adapter, server_round=server_round, run_id=run_key)
+def _evaluate(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
+    outcome = merchant.evaluate_round(
+        settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
+    )
+    status = Status(outcome.status)
     # Only noisy histograms (charged to the ledger) and their noisy count; exact metrics stay local.
-    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta, "examples": outcome.examples}
+    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta}
     if outcome.histograms:
-        # the σ of the Gaussian mechanism (a public parameter): the coordinator reports how far it moves
+        # the σ of the Gaussian mechanism (a public setting): the coordinator reports how far it moves
         # each pooled metric
-        metrics["eval_noise_multiplier"] = settings.eval_noise_multiplier
-    content = RecordDict(
-        {
-            protocol.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
-            protocol.STATUS: _status(outcome.status, outcome.merchant_id, outcome.code),
+        metrics |= {
+            "examples": float(outcome.examples),
+            "eval_noise_multiplier": settings.eval_noise_multiplier,
         }
+    return Reply(
+        protocol.EVALUATE,
+        status,
+        outcome.merchant_id,
+        _reason(status, outcome.code),
+        metrics=metrics,
+        histograms={name: h.to_values() for name, h in outcome.histograms.items()},
     )
-    if outcome.histograms:
-        values = {name: h.to_values() for name, h in outcome.histograms.items()}
-        content[histograms.RECORD] = MetricRecord(values)  # type: ignore[arg-type]
-    return content
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, _train)
+    return _answer(msg, context, _train, protocol.TRAIN)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, _evaluate)
+    return _answer(msg, context, _evaluate, protocol.EVALUATE)

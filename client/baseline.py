@@ -90,10 +90,12 @@ class LogisticRegression:
         """The exact minimiser of Σᵢ cross-entropy + (l2/2)·‖W‖² (intercepts penalised too), by
         damped Newton steps; the objective of scikit-learn's `LogisticRegression(C=1/l2)` with the
         intercept as a feature. A class absent from `y` gets low scores, not an error."""
-        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise ValueError(f"need one label per example and at least one example, got {x.shape}, {y.shape}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"need one label per example, got {x.shape}, {y.shape}")
         if l2 <= 0:
             raise ValueError(f"l2 must be positive (it makes the minimiser unique), got {l2}")
+        if x.shape[0] == 0:  # no examples: the penalty alone, whose minimiser is W = 0
+            return cls(np.zeros((x.shape[1] + 1, num_classes)))
         z = _with_intercept(x)
         onehot = np.eye(num_classes)[y]
         w = np.zeros((z.shape[1], num_classes))

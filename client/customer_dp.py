@@ -105,9 +105,28 @@ def clip_and_sum(per_customer: list[torch.Tensor], max_grad_norm: float) -> list
     """Σ over customers of each customer's gradient scaled to norm ≤ `max_grad_norm` (the norm is
     over all parameters together, as in DP-SGD)."""
     # no customer sampled: the norms are empty and the sums zero, which is right (noise only follows)
+    per_customer = finite_or_zero(per_customer)
     norms = torch.sqrt(sum((g.flatten(1).double() ** 2).sum(1) for g in per_customer))  # type: ignore[arg-type]
-    factor = (max_grad_norm / (norms + EPS)).clamp(max=1.0).to(per_customer[0].dtype)
+    factor = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+    factor = torch.where(torch.isfinite(norms), factor, torch.zeros_like(factor)).to(per_customer[0].dtype)
     return [torch.einsum("c,c...->...", factor, g) for g in per_customer]
+
+
+def finite_or_zero(per_customer: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each customer's gradient, or zeros where any of its coordinates is not finite.
+
+    A coordinator-chosen adapter may overflow for some customers' inputs only; left in, one inf would
+    make the clipped sum NaN, and whether the round failed would tell who is in the data. Zeroing
+    the customer's whole gradient before clipping keeps the sum's sensitivity at the clip: the
+    customer then contributes nothing, which is within what adding or removing it may change."""
+    if not per_customer or per_customer[0].shape[0] == 0:
+        return per_customer
+    finite = torch.stack([torch.isfinite(g.flatten(1)).all(1) for g in per_customer]).all(0)
+    if bool(finite.all()):
+        return per_customer
+    return [
+        torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g)) for g in per_customer
+    ]
 
 
 def noisy_mean(

@@ -224,6 +224,11 @@ class Encoder:
         return self._texts[key]
 
     def encode(self, candidates: list[Candidate]) -> Encoded:
+        if not candidates:  # an empty set is encoded too: the round still releases its noise
+            empty = torch.zeros((0, self.max_length), dtype=torch.long)
+            return Encoded(
+                input_ids=empty, attention_mask=empty.clone(), labels=torch.zeros(0, dtype=torch.long)
+            )
         texts = [self.text(c) for c in candidates]
         batch = self.tokenizer(  # type: ignore[operator]
             texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"

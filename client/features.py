@@ -86,6 +86,7 @@ def head_inputs(
     finally:
         handle.remove()
         model.train(was_training)
-    if not captured:
-        raise ValueError("no examples to compute features for")
+    if not captured:  # no examples: the steps still run (noise only), on an empty feature matrix
+        width = next((m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear)), 0)
+        return Features(torch.zeros((0, width)), data.labels)
     return Features(torch.cat(captured), data.labels)

@@ -1,16 +1,17 @@
 """One merchant's side of a round, as plain functions: no Flower here.
 
-`train_round` = load data → pick this round's customers → calibrate noise → charge the ledger →
-DP-SGD → outgoing guard. `evaluate_round` = held-out customers → charge the ledger → noisy
-histograms (`client.evaluation`; exact metrics never leave). Heavy objects (model,
-tokenizer, encoded data) are cached per process: a Flower ClientApp is rebuilt for every message.
+`train_round` = admit the message (policy, pinned plan, caps; `client.budget`) → check the incoming
+adapter against public bounds → read the data → public size → charge → DP-SGD → outgoing guard.
+`evaluate_round` = admit → check the adapter → charge → held-out customers → noisy histograms
+(`client.evaluation`; exact metrics never leave). Everything that decides whether and how a message
+is answered happens before the data is read; after it, the reply is the release. Heavy objects
+(model, tokenizer, encoded data) are cached per process: a Flower ClientApp is rebuilt for every
+message.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -19,46 +20,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client import budget as budgets
 from client.baseline import baseline_probabilities
+from client.budget import Budget, Refusal, RunRecord
 from client.data import Encoder, MerchantData, load_merchant_data
-from client.evaluation import (
-    BASELINE_RELEASES,
-    EvaluationCounter,
-    HeldOut,
-    exact_metrics,
-    log_locally,
-    noisy_histograms,
-    planned_charges,
-    release_charge,
-)
+from client.evaluation import HeldOut, exact_metrics, log_locally, noisy_histograms
 from client.global_model import save_global
-from client.round_checks import check_run_cap, delta_problem, incoming_problem, run_epsilon_target
 from client.settings import MerchantSettings
-from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
+from client.train import DPSettings, TrainSettings, customer_groups, predict, train_dp
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
 from shared.config import RunConfig
 from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone, resolve_device
-from shared.privacy import BudgetExceededError, Charge, Ledger
-from shared.privacy.calibration import CalibrationError, calibrate_noise
-from shared.protocol import EVALUATED
+from shared.privacy import Ledger
+from shared.protocol import Reason, Status
 from shared.tasks import TaskSpec, one_per_customer
 
 log = logging.getLogger(__name__)
 
-TRAINED, REFUSED_BUDGET, FAILED = "trained", "refused-budget", "failed"
-
-# The only words about a refusal or failure that leave the merchant. Exception text can quote
-# private values (customer counts, paths, epsilon spent by other runs), so it is logged here instead.
-BUDGET, CALIBRATION, NON_FINITE = "budget", "calibration", "non-finite"
-BAD_REQUEST, ERROR = "bad-request", "error"
-EVALUATION_LIMIT = "evaluation-limit"  # max-evaluations-per-run reached
-WIRE_REASONS = frozenset({"", BUDGET, CALIBRATION, NON_FINITE, BAD_REQUEST, ERROR, EVALUATION_LIMIT})
+TRAINED, REFUSED_BUDGET, FAILED = Status.TRAINED.value, Status.REFUSED.value, Status.FAILED.value
+EVALUATED = Status.EVALUATED.value
+BUDGET, CALIBRATION, NON_FINITE = Reason.BUDGET.value, Reason.CALIBRATION.value, Reason.NON_FINITE.value
+BAD_REQUEST, ERROR = Reason.BAD_REQUEST.value, Reason.ERROR.value
+EVALUATION_LIMIT = Reason.EVALUATION_LIMIT.value
+WIRE_REASONS = frozenset(r.value for r in Reason)
 
 
 @dataclass
 class RoundOutcome:
-    """What a merchant reports after a training round. `adapter` is None unless status is trained."""
+    """What a merchant reports after a training round. `adapter` is None unless status is trained.
+    `examples` is the run's public training size, never the exact count."""
 
     status: str
     merchant_id: str
@@ -70,6 +61,7 @@ class RoundOutcome:
     reason: str = ""  # the local explanation: logged on the merchant, never sent
     code: str = ""  # the fixed short reason (one of WIRE_REASONS) that the reply carries
     privacy: dict[str, str] = field(default_factory=dict)  # public DP parameters (`ledger_parameters`)
+    local: dict[str, float] = field(default_factory=dict)  # exact figures for the merchant's own log
 
 
 def ledger_parameters(ledger: Ledger) -> dict[str, str]:
@@ -101,8 +93,17 @@ def cached_data(
     split: str,
     cutoff: datetime | None = None,
 ) -> MerchantData:
+    # require_both=False: an empty training or held-out set (a time split's cut-off, a rare task) is
+    # answered with the release (noise-only steps, a noisy empty histogram), never with a failure
     data = load_merchant_data(
-        data_dir, state_dir, task, eval_fraction=eval_fraction, salt=salt, split=split, cutoff=cutoff
+        data_dir,
+        state_dir,
+        task,
+        eval_fraction=eval_fraction,
+        salt=salt,
+        split=split,
+        cutoff=cutoff,
+        require_both=False,
     )
     report = data.load_report
     log.info(
@@ -116,149 +117,59 @@ def cached_data(
     return data
 
 
-def _prepare(
-    settings: MerchantSettings, cfg: RunConfig
-) -> tuple[torch.nn.Module, Encoder, MerchantData, torch.device]:
+def _model(settings: MerchantSettings, cfg: RunConfig) -> tuple[torch.nn.Module, Encoder, torch.device]:
+    """The model and encoder of the plan: public inputs only (no customer data is read here)."""
     device = resolve_device(settings.device)
     backbone = resolve_backbone(cfg.backbone)
-    task = cfg.task_spec
-    model = cached_model(backbone, task.num_labels, cfg.lora, cfg.pooling, str(device))
-    encoder = cached_encoder(backbone, cfg.max_length)
-    data = cached_data(
+    model = cached_model(backbone, cfg.task_spec.num_labels, cfg.lora, cfg.pooling, str(device))
+    return model, cached_encoder(backbone, cfg.max_length), device
+
+
+def _data(settings: MerchantSettings, cfg: RunConfig) -> MerchantData:
+    return cached_data(
         settings.data_dir,
         settings.state_dir,
-        task,
+        cfg.task_spec,
         settings.eval_fraction,
         settings.merchant_id,
         cfg.eval_split,
         cfg.eval_cutoff_time,
     )
-    return model, encoder, data, device
 
 
-def open_ledger(settings: MerchantSettings) -> Ledger:
-    """The merchant's ledger, with its own accountant and the privacy unit of its data: a session
-    for stores ingested from sources without customer ids (YooChoose), else a customer."""
+def _prepare(
+    settings: MerchantSettings, cfg: RunConfig
+) -> tuple[torch.nn.Module, Encoder, MerchantData, torch.device]:
+    model, encoder, device = _model(settings, cfg)
+    return model, encoder, _data(settings, cfg), device
+
+
+def privacy_unit(settings: MerchantSettings) -> str:
+    """A session for stores ingested from sources without customer ids (YooChoose), else a customer."""
     from client.ingest.store import REPORT_FILE
     from shared.privacy.units import unit_of_ingest_report
 
-    return Ledger.open(
-        settings.ledger_path,
-        merchant_id=settings.merchant_id,
-        delta=settings.delta,
-        max_epsilon=settings.max_epsilon,
-        accountant=settings.accountant,
-        privacy_unit=unit_of_ingest_report(settings.data_dir / REPORT_FILE),
-    )
+    return unit_of_ingest_report(settings.data_dir / REPORT_FILE)
 
 
-def noise_for_run(
-    ledger: Ledger,
-    *,
-    run_id: str,
-    plan: StepPlan,
-    cfg: RunConfig,
-    floor: float,
-    ceiling: float,
-    target: float | None = None,
-    reserved: Sequence[Charge] = (),
-) -> float:
-    """σ for this run: calibrated once for the whole planned horizon against what earlier runs spent
-    (the same answer every round and after restarts), never below the merchant's floor. `target` is
-    the ε the run may end at (default max-epsilon; lower under max-epsilon-per-run); `reserved` is
-    what the run's other releases will charge at most (its evaluations)."""
-    earlier = [c for c in ledger.history if c.run_id != run_id]
-    sigma = calibrate_noise(
-        spent=[*earlier, *reserved],
-        sample_rate=plan.sample_rate,
-        steps_per_round=plan.steps,
-        rounds=cfg.num_rounds,
-        max_epsilon=ledger.max_epsilon if target is None else target,
-        delta=ledger.delta,
-        upper=ceiling,
-        accountant=ledger.accountant,
-    )
-    return max(sigma, cfg.noise_multiplier, floor)
+def open_ledger(settings: MerchantSettings) -> Ledger:
+    """The merchant's ledger, with its own accountant and the privacy unit of its data."""
+    return Budget.open(settings, privacy_unit(settings)).ledger
 
 
-def round_plan(
-    ledger: Ledger,
-    settings: MerchantSettings,
-    cfg: RunConfig,
-    *,
-    run_id: str,
-    customers: int,
-    target: float,
-) -> tuple[StepPlan, float]:
-    """This run's DP-SGD plan and σ, with the run's evaluations reserved: the most local epochs of
-    `cfg.epoch_options` whose σ fits under the merchant's noise ceiling. With `local-epochs` 0 a small
-    budget (ε = 1 beside the evaluations' reserve) trains fewer epochs instead of refusing; the
-    choice reads only earlier runs' charges, so it is the same every round. Raises the last option's
-    `CalibrationError` when none fits."""
-    reserved = planned_charges(
-        run_id=run_id,
-        num_rounds=cfg.num_rounds,
-        noise_multiplier=settings.eval_noise_multiplier,
-        max_per_run=settings.max_evaluations_per_run,
-    )
-
-    def fit(epochs: int) -> tuple[StepPlan, float]:
-        plan = StepPlan.of(customers, cfg.batch_size, epochs)
-        sigma = noise_for_run(
-            ledger,
-            run_id=run_id,
-            plan=plan,
-            cfg=cfg,
-            floor=settings.min_noise_multiplier,
-            ceiling=settings.max_noise_multiplier,
-            target=target,
-            reserved=reserved,
-        )
-        if epochs != cfg.epochs:
-            log.info(
-                "%s trains %d local epochs, not %d: its budget fits no more under noise multiplier %g",
-                settings.merchant_id,
-                epochs,
-                cfg.epochs,
-                settings.max_noise_multiplier,
-            )
-        return plan, sigma
-
-    *more, fewest = cfg.epoch_options
-    for epochs in more:
-        try:
-            return fit(epochs)
-        except CalibrationError:
-            continue
-    return fit(fewest)
-
-
-def _refuse_before_charge(
-    settings: MerchantSettings,
-    model: torch.nn.Module,
-    adapter: AdapterState,
-    customers: int,
-    ledger: Ledger,
-) -> RoundOutcome | None:
-    """A refusal for a malformed incoming adapter or a δ too large for the customers, else None."""
-    problem = incoming_problem(model, adapter)
+def _admit(
+    settings: MerchantSettings, cfg: RunConfig, adapter: AdapterState, run_id: str
+) -> tuple[Budget, RunRecord, torch.nn.Module, Encoder, torch.device]:
+    """Everything decided before the data is read: the run record (policy, pinned plan, caps) and
+    the incoming adapter's public bounds. Raises `Refusal`; nothing is charged here."""
+    budget = Budget.open(settings, privacy_unit(settings))
+    with budget.locked():
+        record = budget.admit(cfg, run_id)
+    model, encoder, device = _model(settings, cfg)
+    problem = budgets.incoming_problem(model, adapter, settings.policy.max_adapter_norm)
     if problem is not None:
-        log.warning("%s rejects the global adapter: %s", settings.merchant_id, problem)
-        return RoundOutcome(
-            FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=problem, code=BAD_REQUEST
-        )
-    problem = delta_problem(ledger.delta, customers)
-    if problem is not None:
-        log.warning("%s refuses to train: %s", settings.merchant_id, problem)
-        return RoundOutcome(
-            REFUSED_BUDGET,
-            settings.merchant_id,
-            ledger.epsilon,
-            ledger.delta,
-            reason=problem,
-            code=CALIBRATION,
-        )
-    return None
+        raise budgets.bad_request(problem)
+    return budget, record, model, encoder, device
 
 
 def train_round(
@@ -271,41 +182,21 @@ def train_round(
     seed: int | None = None,
 ) -> RoundOutcome:
     """Train the global adapter on this merchant's customers with customer-level DP-SGD, charging
-    the ledger first. Nothing is charged for a malformed adapter or an unsafe δ."""
-    model, encoder, data, device = _prepare(settings, cfg)
-    ledger = open_ledger(settings)
-    refusal = _refuse_before_charge(settings, model, adapter, len(data.train_customers), ledger)
-    if refusal is not None:
-        return refusal
-    chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
-    groups = customer_groups([c.customer_id for c in chosen])
+    the ledger first. Whether and how it trains is decided from public inputs only; `seed` is for
+    tests only."""
     try:
-        target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
-        # q over customers, not examples: a customer's up-to-k examples make one clipped gradient
-        plan, sigma = round_plan(
-            ledger,
-            settings,
-            cfg,
-            run_id=run_id,
-            customers=len({c.customer_id for c in chosen}),
-            target=target,
-        )
-        charge = Charge(
-            round=server_round,
-            run_id=run_id,
-            noise_multiplier=sigma,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            max_grad_norm=cfg.max_grad_norm,
-        )
-        check_run_cap(ledger, charge, target)
-        ledger.charge(charge)
-    except (BudgetExceededError, CalibrationError) as err:
-        log.warning("%s refuses round %d: %s", settings.merchant_id, server_round, err)
-        code = BUDGET if isinstance(err, BudgetExceededError) else CALIBRATION
-        return RoundOutcome(
-            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err), code=code
-        )
+        budget, record, model, encoder, device = _admit(settings, cfg, adapter, run_id)
+    except Refusal as refusal:
+        return _refused_round(settings, refusal, server_round)
+    data = _data(settings, cfg)  # private from here on
+    chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
+    try:
+        with budget.locked():
+            record = budget.book.find(run_id) or record
+            size = budgets.public_size(budget, record, len(data.train_customers), seed=seed)
+            plan, sigma = budgets.training_charge(budget, record, cfg, server_round, size)
+    except Refusal as refusal:
+        return _refused_round(settings, refusal, server_round, budget.ledger)
     # From here on the spend is on disk: whatever happens next, it stays charged.
     load_adapter(model, adapter)
     spec = AdapterSpec.of(model)
@@ -317,15 +208,25 @@ def train_round(
             batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
             lora_learning_rate=cfg.lora_learning_rate or None,
+            planned_customers=plan.customers,
         ),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         device=device,
-        groups=groups,
+        groups=customer_groups([c.customer_id for c in chosen]),
         seed=seed,
     )
     if (result.sample_rate, result.steps) != (plan.sample_rate, plan.steps):  # a bug, never data
         raise RuntimeError(f"DP-SGD ran {result} but the ledger was charged for {plan}")
+    ledger = budget.ledger
+    local = {
+        "train_loss": result.loss,
+        "customers": float(result.customers),
+        "examples": float(result.examples),
+    }
+    log.info("%s round %d (run %s): %s", settings.merchant_id, server_round, record.record_id, local)
     update = outgoing_guard(extract_adapter(model), spec)
+    # The weights are post-processing of the noisy steps (each customer's non-finite gradient was
+    # zeroed before clipping), so whether they are finite is itself a DP release.
     if not all(bool(torch.isfinite(t).all()) for t in update.values()):
         detail = "training produced non-finite weights; lower learning-rate"
         log.warning("%s fails round %d: %s", settings.merchant_id, server_round, detail)
@@ -337,17 +238,38 @@ def train_round(
         settings.merchant_id,
         ledger.epsilon,
         ledger.delta,
-        examples=result.examples,
+        examples=plan.customers,
         adapter=update,
         metrics={
-            "train_loss": result.loss if math.isfinite(result.loss) else -1.0,
-            # the round's charge as written to the ledger; q = local-epochs / steps, nothing new
+            # the round's charge as written to the ledger, all from the public size and the plan
             "noise_multiplier": sigma,
-            "sample_rate": charge.sample_rate,
-            "steps": float(charge.steps),
+            "sample_rate": plan.sample_rate,
+            "steps": float(plan.steps),
             "max_epsilon": ledger.max_epsilon,  # the merchant's own budget setting
         },
         privacy=ledger_parameters(ledger),
+        local=local,
+    )
+
+
+def _refused_round(
+    settings: MerchantSettings, refusal: Refusal, server_round: int, ledger: Ledger | None = None
+) -> RoundOutcome:
+    ledger = ledger or open_ledger(settings)
+    log.warning(
+        "%s answers round %d with %s: %s",
+        settings.merchant_id,
+        server_round,
+        refusal.reason.value,
+        refusal.detail,
+    )
+    return RoundOutcome(
+        refusal.status.value,
+        settings.merchant_id,
+        ledger.epsilon,
+        ledger.delta,
+        reason=refusal.detail,
+        code=refusal.reason.value,
     )
 
 
@@ -368,44 +290,6 @@ class EvalOutcome:
         """The noisy held-out count (post-processing of the model's noisy histogram)."""
         model = self.histograms.get(MODEL)
         return max(0, round(model.examples)) if model is not None else 0
-
-
-def _charge_evaluation(
-    settings: MerchantSettings, ledger: Ledger, *, run_id: str, server_round: int
-) -> tuple[bool, EvalOutcome | None]:
-    """Count and charge this evaluation before anything is computed for release: (whether the
-    baseline goes out, None), or (False, a refusal)."""
-    counter = EvaluationCounter.open(settings.state_dir)
-    if counter.answered(run_id) >= settings.max_evaluations_per_run:
-        detail = f"max-evaluations-per-run ({settings.max_evaluations_per_run}) reached for run {run_id}"
-        log.warning("%s refuses to evaluate: %s", settings.merchant_id, detail)
-        refusal = EvalOutcome(
-            REFUSED_BUDGET,
-            settings.merchant_id,
-            ledger.epsilon,
-            ledger.delta,
-            reason=detail,
-            code=EVALUATION_LIMIT,
-        )
-        return False, refusal
-    with_baseline = not counter.baseline_sent(run_id)
-    charge = release_charge(
-        server_round=server_round,
-        run_id=run_id,
-        noise_multiplier=settings.eval_noise_multiplier,
-        releases=1 + (BASELINE_RELEASES if with_baseline else 0),
-    )
-    try:
-        target = run_epsilon_target(ledger, run_id=run_id, max_epsilon_per_run=settings.max_epsilon_per_run)
-        check_run_cap(ledger, charge, target)
-        counter.record(run_id, baseline=with_baseline)  # before the charge: a crash over-counts
-        ledger.charge(charge)
-    except BudgetExceededError as err:
-        log.warning("%s refuses to evaluate round %d: %s", settings.merchant_id, server_round, err)
-        return False, EvalOutcome(
-            REFUSED_BUDGET, settings.merchant_id, ledger.epsilon, ledger.delta, reason=str(err), code=BUDGET
-        )
-    return with_baseline, None
 
 
 def keep_global(
@@ -429,20 +313,28 @@ def evaluate_round(
     seed: int | None = None,
 ) -> EvalOutcome:
     """Noisy histograms of `adapter` (and once per run of the local baseline) on this merchant's
-    held-out customers, charged to the ledger first. `seed` is for tests only."""
-    model, encoder, data, device = _prepare(settings, cfg)
-    ledger = open_ledger(settings)
-    problem = incoming_problem(model, adapter)
-    if problem is not None:
-        log.warning("%s will not evaluate the global adapter: %s", settings.merchant_id, problem)
+    held-out customers, charged to the ledger first; released even when the held-out set is empty.
+    `seed` is for tests only."""
+    try:
+        budget, record, model, encoder, device = _admit(settings, cfg, adapter, run_id)
+        with budget.locked():
+            record = budget.book.find(run_id) or record
+            with_baseline = budgets.evaluation_charge(budget, record, server_round)
+    except Refusal as refusal:
+        ledger = open_ledger(settings)
+        log.warning("%s will not evaluate round %d: %s", settings.merchant_id, server_round, refusal.detail)
         return EvalOutcome(
-            FAILED, settings.merchant_id, ledger.epsilon, ledger.delta, reason=problem, code=BAD_REQUEST
+            refusal.status.value,
+            settings.merchant_id,
+            ledger.epsilon,
+            ledger.delta,
+            reason=refusal.detail,
+            code=refusal.reason.value,
         )
+    ledger = budget.ledger
     load_adapter(model, adapter)
     keep_global(settings, model, cfg, run_id=run_id, server_round=server_round)
-    with_baseline, refusal = _charge_evaluation(settings, ledger, run_id=run_id, server_round=server_round)
-    if refusal is not None:
-        return refusal
+    data = _data(settings, cfg)  # private from here on
     held_out = data.evaluation()
     probs, _ = predict(model, encoder.encode(held_out), batch_size=max(cfg.batch_size, 64), device=device)
     labels = np.asarray([c.label for c in held_out], dtype=np.int64)
@@ -459,7 +351,7 @@ def evaluate_round(
         )
         results[LOCAL_BASELINE] = HeldOut(labels, noisy)
         private[f"{LOCAL_BASELINE}_nonprivate"] = HeldOut(labels, exact)
-    record = {"run_id": run_id, "round": server_round, **exact_metrics({**results, **private})}
-    log_locally(settings.state_dir, record)
+    log_record = {"run_id": run_id, "round": server_round, **exact_metrics({**results, **private})}
+    log_locally(settings.state_dir, log_record)
     histograms = noisy_histograms(results, settings.eval_noise_multiplier, seed=seed)
     return EvalOutcome(EVALUATED, settings.merchant_id, ledger.epsilon, ledger.delta, histograms)

@@ -34,6 +34,43 @@ class DaemonSettings(BaseModel):
     max_wait_s: float | None = Field(None, gt=0, description="give up reconnecting after this long")
 
 
+class RunPolicy(BaseModel):
+    """What a coordinator's run plan may ask of this merchant (`[policy]` in merchant.toml).
+
+    A run's plan (its run config) is checked against these bounds at the run's first message and
+    pinned: a later message of the same run with another plan is refused. Everything here is public
+    (the merchant's own decision), so a refusal for a plan outside the policy reveals no customer.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: tuple[str, ...] = Field(
+        ("purchase-intent", "next-action", "category-intent", "segment", "repeat-purchase", "customer-label"),
+        description="tasks this merchant trains and evaluates",
+    )
+    eval_splits: tuple[Literal["customer", "time"], ...] = Field(
+        ("customer", "time"),
+        description="held-out sets it accepts; a time split's cut-off is the plan's public date, pinned "
+        "for the run (never a quantile of the merchant's sessions)",
+    )
+    backbones: tuple[str, ...] = Field(
+        ("",),
+        description='backbones the approved app may load ("" = the packaged MiniLM-L6); any other HF id or '
+        "folder must be listed here",
+    )
+    max_rounds: int = Field(50, ge=1, description="most rounds one run may plan")
+    max_local_epochs: int = Field(20, ge=1, description="most local epochs per round")
+    max_batch_size: int = Field(4096, ge=1, description="largest expected customers per step")
+    max_learning_rate: float = Field(10.0, gt=0.0, description="largest head or LoRA learning rate")
+    max_examples_per_customer: int = Field(64, ge=1, description="most sessions per customer summed")
+    max_adapter_norm: float = Field(
+        1e4,
+        gt=0.0,
+        description="largest L2 norm of an incoming global adapter, checked before any data is read: a "
+        "finite but huge head could otherwise overflow for some customers only",
+    )
+
+
 class MerchantSettings(FileSettings):
     """Where the merchant's data is, where its ledger goes, and how much privacy it may spend."""
 
@@ -54,14 +91,20 @@ class MerchantSettings(FileSettings):
         description="privacy accountant of the ledger: pld (tighter, dp-accounting) or rdp; a ledger "
         "keeps the accountant it started with",
     )
-    min_noise_multiplier: float = Field(0.3, ge=0.0, description="floor, whatever the server suggests")
+    min_noise_multiplier: float = Field(
+        0.3, ge=0.0, le=1e4, description="floor, whatever the server suggests"
+    )
     max_noise_multiplier: float = Field(
-        10.0, gt=0.0, description="refuse rather than send an update drowned in noise (budget nearly spent)"
+        10.0,
+        gt=0.0,
+        le=1e4,
+        description="refuse rather than send an update drowned in noise (budget nearly spent)",
     )
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     eval_noise_multiplier: float = Field(
         20.0,
         gt=0.0,
+        le=1e4,
         description="σ of the Gaussian noise on every released evaluation count (sensitivity 1): one "
         "evaluation alone costs ε 0.19 at δ 1e-6; a 3-round run's six releases raise training σ by 2% "
         "at max-epsilon 2 and 0.1% at 8 (PLD). Lower it (e.g. 5: +2% training σ at max-epsilon 8) for "
@@ -70,6 +113,25 @@ class MerchantSettings(FileSettings):
     max_evaluations_per_run: int = Field(
         11, ge=0, description="evaluations answered per run; beyond it the merchant refuses (refused-budget)"
     )
+    declared_customers: int | None = Field(
+        None,
+        ge=1,
+        description="public size of the training set: fixes DP-SGD's q, steps and σ (never the exact "
+        "count); unset: a DP estimate of it, charged once per run (σ size-noise-multiplier)",
+    )
+    size_noise_multiplier: float = Field(
+        20.0, gt=0.0, le=1e4, description="σ of the Gaussian noise on the estimated training-set size"
+    )
+    budget_window_days: float = Field(
+        30.0, gt=0.0, description="calendar window of the per-window caps (counted by the merchant)"
+    )
+    max_runs_per_window: int = Field(
+        20, ge=1, description="runs this merchant joins per window, whatever run keys a coordinator sends"
+    )
+    max_epsilon_per_window: float | None = Field(
+        None, gt=0.0, description="most ε the merchant adds per window (None: up to max-epsilon)"
+    )
+    policy: RunPolicy = RunPolicy()
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     daemon: DaemonSettings = DaemonSettings()
 

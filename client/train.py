@@ -70,6 +70,7 @@ class TrainSettings:
     lora_learning_rate: float | None = None  # None: same as learning_rate
     max_physical_batch: int = 128  # examples per forward pass: memory only, the result is the same
     frozen_features: bool = True  # head-only: run the backbone once per round (False: once per step)
+    planned_customers: int | None = None  # the public size M of the plan; None: the exact count
 
 
 @dataclass(frozen=True)
@@ -81,18 +82,22 @@ class DPSettings:
 @dataclass(frozen=True)
 class StepPlan:
     """What `train_dp` will do, and what the ledger is charged: customers Poisson-sampled at rate
-    1/ceil(N/B), ceil(N/B) steps per epoch (Opacus's convention), N = customers, B = batch size."""
+    1/ceil(M/B), ceil(M/B) steps per epoch (Opacus's convention), B = batch size and M = `customers`,
+    the size the plan is made for. A merchant's M is public (declared or a charged estimate), never
+    its exact count: the data is then sampled at q whatever its size, and the noisy sum divided by
+    q·M."""
 
     sample_rate: float
     steps: int
     epochs: int = 1
+    customers: int = 1
 
     @classmethod
     def of(cls, n_customers: int, batch_size: int, epochs: int) -> StepPlan:
         if n_customers < 1:
             raise ValueError("no training customers")
         batches = math.ceil(n_customers / batch_size)
-        return cls(sample_rate=1.0 / batches, steps=batches * epochs, epochs=epochs)
+        return cls(sample_rate=1.0 / batches, steps=batches * epochs, epochs=epochs, customers=n_customers)
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ def train_dp(
     are removed before returning, so the same model object can be trained again next round.
     """
     customers = CustomerIndex.of(groups, len(data))
-    plan = StepPlan.of(len(customers), settings.batch_size, settings.epochs)
+    size = settings.planned_customers if settings.planned_customers is not None else len(customers)
+    plan = StepPlan.of(size, settings.batch_size, settings.epochs)
     optimizer = make_optimizer(model, settings)
     params = trainable_parameters(model)
     head = head_module(model) if settings.frozen_features else None
@@ -225,7 +231,7 @@ class DPStep:
         grads = noisy_mean(
             summed,
             noise_std=self.dp.noise_multiplier * self.dp.max_grad_norm,
-            expected_customers=self.plan.sample_rate * len(self.customers),
+            expected_customers=self.plan.sample_rate * self.plan.customers,
         )
         return grads, loss, len(rows)
 
@@ -250,14 +256,31 @@ def predict(
     probs, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
-        logits = model(**data.inputs(sl, device)).logits.float()
+        logits = contained(model(**data.inputs(sl, device)).logits.float())
         labels = data.labels[sl].to(device)
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
     model.train()
     if not probs:
-        return np.zeros((0, 0)), math.nan
+        return np.zeros((0, num_labels(model))), math.nan
     return np.concatenate(probs), total_loss / len(data)
+
+
+LOGIT_BOUND = 50.0
+"""Released evaluations read logits clamped to ±LOGIT_BOUND (non-finite ones to 0): whatever adapter
+the coordinator sends, scoring a customer never overflows, so a release never depends on whether
+some customer's input pushed a logit past the float range."""
+
+
+def contained(logits: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(logits, nan=0.0, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND).clamp(
+        -LOGIT_BOUND, LOGIT_BOUND
+    )
+
+
+def num_labels(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_labels", 2))
 
 
 def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int, device: torch.device) -> EvalResult:

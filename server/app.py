@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -11,12 +10,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from server.audit import WireAudit
-from server.coordinator import FAILED, REFUSED, TRAINED, Coordinator, Reply
-from shared import histograms, protocol
+from server.coordinator import FAILED, Coordinator, Reply
+from shared import protocol
 from shared.adapters import AdapterState
 from shared.config import RunConfig
 
@@ -49,14 +48,8 @@ class GridFederation:
     def _round_trip(
         self, kind: str, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
     ) -> list[Reply]:
-        content = RecordDict(
-            {
-                protocol.ARRAYS: ArrayRecord(adapter),
-                protocol.CONFIG: ConfigRecord(cfg.to_record()),  # type: ignore[arg-type]
-                protocol.ROUND: ConfigRecord(
-                    {protocol.SERVER_ROUND: server_round, protocol.RUN_KEY: self.run_key}
-                ),
-            }
+        content = protocol.encode_request(
+            protocol.Request(cfg.to_record(), server_round, self.run_key, dict(adapter))
         )
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
         received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
@@ -67,7 +60,7 @@ class GridFederation:
         if self.audit is not None:
             for n in nodes:
                 self.audit.record(server_round, n, replies.get(n))
-        return [decode_reply(n, replies.get(n)) for n in nodes]
+        return [decode_reply(n, replies.get(n), kind) for n in nodes]
 
     def train(
         self, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
@@ -80,102 +73,36 @@ class GridFederation:
         return self._round_trip(MessageType.EVALUATE, nodes, adapter, cfg, server_round)
 
 
-# What a merchant may say it did; "rejected-update" is the coordinator's verdict, never a merchant's.
-MERCHANT_STATUSES = frozenset({TRAINED, REFUSED, FAILED, protocol.EVALUATED})
-MAX_TEXT_CHARS = 100  # merchant-id and reason: a fixed reason is a word, an id a name
+MAX_TEXT_CHARS = protocol.MAX_TEXT_CHARS
+MalformedReplyError = protocol.MalformedReplyError
 
 
-class MalformedReplyError(ValueError):
-    """A merchant's reply that does not follow the protocol; it marks that merchant failed."""
-
-
-def decode_reply(node_id: int, msg: Message | None) -> Reply:
-    """A `Reply` from a Flower message. A missing, errored or malformed message (no status, an
-    unknown status, a list-valued or non-finite metric, a non-integer example count, unreadable
-    arrays) is a `failed` reply: one merchant's bad answer never stops the run."""
+def decode_reply(node_id: int, msg: Message | None, kind: str = protocol.TRAIN) -> Reply:
+    """A `Reply` from a Flower message, through the protocol's codec. A missing, errored or
+    malformed message (no status, an unknown status or reason, an undeclared, list-valued or
+    non-finite metric, a non-integer example count, unreadable arrays) is a `failed` reply: one
+    merchant's bad answer never stops the run."""
     if msg is None:
         return Reply(node_id, FAILED, reason="no reply before the round timeout")
     if msg.has_error():
         return Reply(node_id, FAILED, reason=f"client error: {str(msg.error.reason)[:200]}")
     try:
-        return _decode_content(node_id, msg.content)
+        reply = protocol.decode_reply(kind, msg.content)
     except Exception as err:  # a hostile or broken merchant may send anything: no error may escape
         log.warning("node %d sent a malformed reply, marked failed: %s", node_id, err)
         return Reply(node_id, FAILED, reason=f"malformed reply: {err}"[:200])
-
-
-def _decode_content(node_id: int, content: RecordDict) -> Reply:
-    status = content.config_records.get(protocol.STATUS)
-    if status is None:
-        raise MalformedReplyError(f"no {protocol.STATUS!r} config record")
-    code, merchant_id, reason = (status.get(k, "") for k in ("status", "merchant-id", "reason"))
-    if not isinstance(code, str) or code not in MERCHANT_STATUSES:
-        raise MalformedReplyError(f"status {str(code)[:40]!r} is not one of {sorted(MERCHANT_STATUSES)}")
-    if not isinstance(merchant_id, str) or not isinstance(reason, str):
-        raise MalformedReplyError("merchant-id and reason must be strings")
-    arrays = content.array_records.get(protocol.ARRAYS)
+    arrays = msg.content.array_records.get(protocol.ARRAYS)
     return Reply(
         node_id=node_id,
-        status=str(code),
-        merchant_id=merchant_id[:MAX_TEXT_CHARS],
-        adapter=arrays.to_torch_state_dict() if arrays is not None else None,
-        metrics=_metrics(content),
+        status=reply.status.value,
+        merchant_id=reply.merchant_id,
+        adapter=reply.adapter,
+        metrics=reply.metrics,
         bytes_up=sum(len(a.data) for a in arrays.values()) if arrays is not None else 0,
-        reason=reason[:MAX_TEXT_CHARS],
-        histograms=_histograms(content),
-        privacy=_privacy(content),
+        reason=reply.reason.value,
+        histograms=reply.histograms,
+        privacy=reply.privacy,
     )
-
-
-def _privacy(content: RecordDict) -> dict[str, str]:
-    """The merchant's accountant and privacy unit, each one of a fixed set of words (or absent)."""
-    record = content.config_records.get(protocol.PRIVACY)
-    if record is None:
-        return {}
-    out: dict[str, str] = {}
-    for key, value in record.items():
-        allowed = protocol.PRIVACY_VALUES.get(key)
-        if allowed is None:
-            raise MalformedReplyError(f"unknown {protocol.PRIVACY!r} entry {str(key)[:40]!r}")
-        if not isinstance(value, str) or value not in allowed:
-            raise MalformedReplyError(f"{protocol.PRIVACY} {key!r} must be one of {sorted(allowed)}")
-        out[key] = value
-    return out
-
-
-def _histograms(content: RecordDict) -> dict[str, list[float]]:
-    """The evaluation histograms (name → finite counts); their shape is checked by the coordinator."""
-    record = content.metric_records.get(histograms.RECORD)
-    if record is None:
-        return {}
-    out: dict[str, list[float]] = {}
-    for name, values in record.items():
-        if name not in histograms.NAMES:
-            raise MalformedReplyError(f"unknown histogram {str(name)[:40]!r}")
-        if not isinstance(values, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-        ):
-            raise MalformedReplyError(f"histogram {name!r} must be a list of finite numbers")
-        out[name] = [float(v) for v in values]
-    return out
-
-
-def _metrics(content: RecordDict) -> dict[str, float]:
-    """Scalar, finite metrics; `examples` a non-negative whole number (it weights the average)."""
-    record = content.metric_records.get(protocol.METRICS)
-    if record is None:
-        raise MalformedReplyError(f"no {protocol.METRICS!r} metric record")
-    metrics: dict[str, float] = {}
-    for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MalformedReplyError(f"metric {key!r} is a {type(value).__name__}, not a number")
-        if not math.isfinite(value):
-            raise MalformedReplyError(f"metric {key!r} is {value}")
-        metrics[key] = float(value)
-    examples = metrics.get("examples", 0.0)
-    if examples < 0 or not examples.is_integer():
-        raise MalformedReplyError(f"metric 'examples' must be a whole number >= 0, got {examples}")
-    return metrics
 
 
 def home() -> Path:

@@ -61,7 +61,9 @@ def parse_cutoff(value: str) -> datetime:
 class RunConfig(BaseModel):
     """Experiment settings shared by the coordinator and every merchant in a run."""
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     task: str = "purchase-intent"
     eval_split: str = Field(
@@ -77,7 +79,7 @@ class RunConfig(BaseModel):
     leak_roles: str = Field("cart,buy", description="roles that end a purchase-intent prefix")
     repeat_days: float = Field(30.0, gt=0.0, description="repeat-purchase: window after the first buy")
     backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
-    num_rounds: int = Field(5, ge=1)
+    num_rounds: int = Field(5, ge=1, le=1000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_train_nodes: int = Field(2, ge=1)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
@@ -86,20 +88,26 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(
         0,
         ge=0,
+        le=1000,
         description="local DP-SGD epochs per round; 0 = the trainable's default "
         "(10 for head, whose backbone runs once per round; 1 for lora+head, a BERT pass per step)",
     )
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(0.1, gt=0.0, description="the head's AdamW rate")
-    lora_learning_rate: float = Field(0.001, ge=0.0, description="LoRA matrices' rate; 0 = learning-rate")
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    learning_rate: float = Field(0.1, gt=0.0, le=1e3, description="the head's AdamW rate")
+    lora_learning_rate: float = Field(
+        0.001, ge=0.0, le=1e3, description="LoRA matrices' rate; 0 = learning-rate"
+    )
     max_grad_norm: float = Field(
         1.5,
         gt=0.0,
+        le=1e6,
         description="clip of each customer's summed gradient; 1.5, not 1: a buyer's single-session head "
         "gradient has norm 2·(1 − p) on unit-length features, and clipping it to 1 biased the head "
         "towards 'no purchase' (README, 'Clip and calibration')",
     )
-    noise_multiplier: float = Field(0.0, ge=0.0, description="server's suggestion; 0 = merchant calibrates")
+    noise_multiplier: float = Field(
+        0.0, ge=0.0, le=1e4, description="server's suggestion; 0 = merchant calibrates"
+    )
     max_length: int = Field(48, ge=8, le=512)
     pooling: str = Field(
         "mean-l2",

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -13,4 +14,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny BERT backbone built locally from a config."""
     from tests.tiny import build_tiny_bert
 
-    return str(build_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+    path = str(build_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+    # a merchant's policy lists the backbones its approved app may load: the packaged one and, in
+    # tests, this tiny one (subprocesses inherit it)
+    os.environ["FEDBEHAVIOR_MERCHANT_POLICY__BACKBONES"] = json.dumps(["", path])
+    return path

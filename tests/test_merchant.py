@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from client import merchant
-from client.evaluation import planned_charges
+from client.budget import planned_evaluation_charges
 from client.settings import MerchantSettings
 from client.train import StepPlan
 from shared.adapters import extract_adapter
@@ -32,6 +32,14 @@ def shop(tmp_path: Path) -> Path:
     return tmp_path / "m0"
 
 
+SIZE = 50  # the shop's public training size (declared-customers); it has about 48 training customers
+
+
+def settings_of(shop: Path, **overrides: object) -> MerchantSettings:
+    """The shop's settings with a declared size, so q and steps are known without an estimate."""
+    return MerchantSettings.from_merchant_dir(shop, **{"declared_customers": SIZE, **overrides})
+
+
 def config(tiny_bert: str, **extra: object) -> RunConfig:
     return RunConfig.parse(
         {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
@@ -44,7 +52,7 @@ def global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torc
 
 
 def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+    settings = settings_of(shop, max_epsilon=20.0)
     cfg = config(tiny_bert)
     g = global_adapter(cfg, settings)
     first = merchant.train_round(settings, cfg, g, server_round=1, run_id="run-a", seed=1)
@@ -54,7 +62,8 @@ def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) 
     second = merchant.train_round(settings, cfg, g, server_round=1, run_id="run-b", seed=2)
     assert second.epsilon > first.epsilon
     data = json.loads(settings.ledger_path.read_text())
-    assert [h["run_id"] for h in data["history"]] == ["run-a", "run-b"]
+    # each charge names the merchant's own run record (numbered by the merchant) and the run's key
+    assert [h["run_id"] for h in data["history"]] == ["0001-run-a", "0002-run-b"]
     recomputed = epsilon_of([Charge.from_json(h) for h in data["history"]], data["delta"])
     assert data["epsilon"] == pytest.approx(recomputed) == pytest.approx(second.epsilon)
     # run-b was calibrated against what run-a had spent, so it is noisier
@@ -62,7 +71,7 @@ def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) 
 
 
 def test_noise_is_calibrated_for_the_whole_horizon(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=4.0)
+    settings = settings_of(shop, max_epsilon=4.0)
     cfg = config(tiny_bert, **{"num-rounds": 3})
     g = global_adapter(cfg, settings)
     outcomes = [
@@ -75,12 +84,12 @@ def test_noise_is_calibrated_for_the_whole_horizon(tiny_bert: str, shop: Path) -
     assert outcomes[-1].epsilon >= 0.95 * 4.0  # the plan used the budget, not a fraction of it
     refused = merchant.train_round(settings, cfg, g, server_round=4, run_id="run", seed=4)
     assert refused.status == "refused-budget" and refused.adapter is None
-    assert "max-epsilon" in refused.reason
+    assert refused.code == "run-limit" and "3 rounds" in refused.reason  # the plan's rounds are used up
     assert len(json.loads(settings.ledger_path.read_text())["history"]) == 3  # nothing charged
 
 
 def test_exhausted_budget_refuses_a_new_run(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0)
+    settings = settings_of(shop, max_epsilon=1.0)
     cfg = config(tiny_bert, **{"num-rounds": 1})
     g = global_adapter(cfg, settings)
     assert merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1).status == "trained"
@@ -89,7 +98,7 @@ def test_exhausted_budget_refuses_a_new_run(tiny_bert: str, shop: Path) -> None:
 
 
 def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1000.0, min_noise_multiplier=2.5)
+    settings = settings_of(shop, max_epsilon=1000.0, min_noise_multiplier=2.5)
     cfg = config(tiny_bert, **{"noise-multiplier": 0.1})
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
@@ -98,35 +107,33 @@ def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str
 
 
 def test_evaluation_reports_charged_histograms_and_epsilon(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop)
+    settings = settings_of(shop)
     cfg = config(tiny_bert)
     out = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings), server_round=0, run_id="r")
     assert out.status == "evaluated" and set(out.histograms) == {"model", "local_baseline"}
     assert out.epsilon > 0 and out.delta == 1e-6  # charged before release (tests/test_evaluation.py)
 
 
-def test_ledger_records_q_over_customers_and_k_examples_each(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+def test_ledger_records_q_over_the_public_size(tiny_bert: str, shop: Path) -> None:
+    settings = settings_of(shop, max_epsilon=20.0)
     cfg = config(tiny_bert, **{"examples-per-customer": 3})
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
     )
-    data = merchant._prepare(settings, cfg)[2]
-    n = len(data.train_customers)
-    sessions = [len(data.train_candidates[c]) for c in data.train_customers]
-    assert out.examples == sum(min(3, s) for s in sessions) > n  # several sessions of most customers
+    n = len(merchant._prepare(settings, cfg)[2].train_customers)
+    assert n != SIZE and out.examples == SIZE  # the declared size leaves, never the exact count
     (charge,) = json.loads(settings.ledger_path.read_text())["history"]
-    batches = -(-n // 16)  # ceil(customers / batch-size)
-    # one epoch is ⌈N/B⌉ steps at q = 1/⌈N/B⌉; head-only mode runs 10 epochs a round by default
+    batches = -(-SIZE // 16)  # ceil(size / batch-size)
+    # one epoch is ⌈M/B⌉ steps at q = 1/⌈M/B⌉; head-only mode runs 10 epochs a round by default
     assert cfg.epochs == 10
     assert charge["sample_rate"] == pytest.approx(1 / batches) and charge["steps"] == batches * cfg.epochs
 
 
 def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
+    settings = settings_of(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
     cfg = config(tiny_bert)  # local-epochs 0: 10, or 5, 2, 1 where the budget fits no more
-    n = len(merchant._prepare(settings, cfg)[2].train_customers)
-    reserved = planned_charges(run_id="a", num_rounds=2, noise_multiplier=20.0, max_per_run=11)
+    n = SIZE
+    reserved = planned_evaluation_charges("a", 2, 20.0, 11)
 
     def fits(epochs: int) -> bool:  # the evaluations' reserve plus 2 rounds under σ ≤ 5, by hand
         plan = StepPlan.of(n, 16, epochs)
@@ -153,7 +160,7 @@ def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, 
     assert [h["steps"] for h in history] == [-(-n // 16) * expected] * 2  # the same plan each round
     assert history[0]["noise_multiplier"] <= 5.0 and outcomes[-1].epsilon <= 1.0
     clear_caches()
-    fixed = MerchantSettings.from_merchant_dir(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
+    fixed = settings_of(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
     out = merchant.train_round(
         fixed, config(tiny_bert, **{"local-epochs": 10}), g, server_round=1, run_id="b", seed=1
     )
@@ -161,7 +168,7 @@ def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, 
 
 
 def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=20.0)
+    settings = settings_of(shop, max_epsilon=20.0)
     cfg = config(tiny_bert)
     good = global_adapter(cfg, settings)
     key = next(iter(good))
@@ -175,20 +182,20 @@ def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str,
 
 
 def test_per_run_cap_bounds_a_one_round_run(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=8.0, max_epsilon_per_run=2.0)
+    settings = settings_of(shop, max_epsilon=8.0, max_epsilon_per_run=2.0)
     cfg = config(tiny_bert, **{"num-rounds": 1})  # a coordinator asking to spend everything at once
     g = global_adapter(cfg, settings)
     first = merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1)
     assert first.status == "trained" and 0.95 * 2.0 <= first.epsilon <= 2.0
     extra_round = merchant.train_round(settings, cfg, g, server_round=2, run_id="a", seed=2)
-    assert extra_round.status == "refused-budget" and "max-epsilon-per-run" in extra_round.reason
+    assert extra_round.status == "refused-budget" and extra_round.code == "run-limit"
     second_run = merchant.train_round(settings, cfg, g, server_round=1, run_id="b", seed=3)
     assert second_run.status == "trained" and first.epsilon + 1.0 < second_run.epsilon <= 4.0
     assert len(json.loads(settings.ledger_path.read_text())["history"]) == 2
 
 
 def test_delta_not_far_below_one_over_customers_is_refused(tiny_bert: str, shop: Path) -> None:
-    settings = MerchantSettings.from_merchant_dir(shop, delta=5e-3)  # ~50 customers: limit 1/500
+    settings = settings_of(shop, delta=5e-3)  # ~50 customers: limit 1/500
     cfg = config(tiny_bert)
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1

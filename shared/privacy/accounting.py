@@ -15,6 +15,7 @@ or files), and anyone can recompute a ledger's number from its `history` with `e
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -44,8 +45,8 @@ class Charge:
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.noise_multiplier <= 0.0:
-            raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+        if not 0.0 < self.noise_multiplier < math.inf:
+            raise ValueError(f"noise_multiplier must be positive and finite, got {self.noise_multiplier}")
         if self.steps < 0:
             raise ValueError(f"steps must be non-negative, got {self.steps}")
 

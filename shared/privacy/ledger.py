@@ -53,6 +53,7 @@ class Ledger:
     history: list[Charge] = field(default_factory=list)
     accountant: str = DEFAULT_ACCOUNTANT
     privacy_unit: str = DEFAULT_UNIT
+    _depth: int = field(default=0, repr=False, compare=False)
 
     @property
     def epsilon(self) -> float:
@@ -138,15 +139,33 @@ class Ledger:
             "history": [c.to_json() for c in self.history],
         }
 
+    def reload(self) -> None:
+        """Re-read the history from disk (call under `locked`)."""
+        if self.path.exists():
+            self.history = _history(_read(self.path), self.path)
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's advisory lock (re-entrant within this object): what a merchant counts
+        beside the ledger (its run book) is read and written under it too."""
+        if self._depth:
+            self._depth += 1
             try:
                 yield
             finally:
+                self._depth -= 1
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    _locked = locked
 
     def _write(self) -> None:
         atomic_write_json(self.path, self.to_json())
