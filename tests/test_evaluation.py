@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from client import merchant
-from client.evaluation import EVALUATION_LOG, LOCAL_BINS, planned_charges
+from client.budget import planned_evaluation_charges
+from client.evaluation import EVALUATION_LOG, LOCAL_BINS
 from client.settings import MerchantSettings
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
@@ -49,7 +50,10 @@ def test_each_release_is_charged_and_the_baseline_goes_once(tiny_bert: str, shop
     assert set(first.histograms) == {"model", "local_baseline"} and set(second.histograms) == {"model"}
     # model histogram + baseline weights + baseline histogram, then the model histogram alone
     entries = history(settings)
-    assert [(h["round"], h["run_id"], h["steps"]) for h in entries] == [(0, "run", 3), (1, "run", 1)]
+    assert [(h["round"], h["run_id"], h["steps"]) for h in entries] == [
+        (0, "0001-run", 3),
+        (1, "0001-run", 1),
+    ]
     assert all(h["noise_multiplier"] == 7.0 and h["sample_rate"] == 1.0 for h in entries)
     expected = epsilon_of([Charge(0, "x", 7.0, 1.0, 4, 1.0)], settings.delta)
     assert second.epsilon == pytest.approx(expected)  # the Gaussian mechanism four times, composed
@@ -120,7 +124,7 @@ def test_training_reserves_the_runs_evaluations(tiny_bert: str, shop: Path) -> N
     assert statuses == ["evaluated", "trained", "evaluated", "trained", "evaluated"]
     spent = epsilon_of([Charge.from_json(h) for h in history(settings)], settings.delta)
     assert 0.9 * 3.0 <= spent <= 3.0
-    (reserved,) = planned_charges(run_id="run", num_rounds=2, noise_multiplier=5.0, max_per_run=11)
+    (reserved,) = planned_evaluation_charges("run", 2, 5.0, 11)
     assert reserved.steps == 3 + 2  # three evaluations and the baseline's two releases
 
 

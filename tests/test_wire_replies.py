@@ -143,22 +143,29 @@ def test_train_round_gives_each_refusal_its_code(
     cfg = RunConfig.parse({"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32})
     model, *_ = merchant._prepare(shop, cfg)
     g = merchant.extract_adapter(model)
-    for error, code in (
-        (merchant.BudgetExceededError(current=7.25, would_be=8.5, max_epsilon=8.0), "budget"),
-        (merchant.CalibrationError(f"no σ for {SECRET}"), "calibration"),
+    from client import budget as budgets
+    from shared.privacy import BudgetExceededError, Ledger
+    from shared.privacy.calibration import CalibrationError
+
+    def over_budget(*args: object, **kwargs: object) -> float:
+        raise BudgetExceededError(current=7.25, would_be=8.5, max_epsilon=8.0)
+
+    def no_sigma(*args: object, **kwargs: object) -> float:
+        raise CalibrationError(f"no σ for {SECRET}")
+
+    for target, name, replacement, code in (
+        (Ledger, "charge", over_budget, "budget"),
+        (budgets, "calibrate_noise", no_sigma, "calibration"),
     ):
-
-        def refuse(*args: object, _error: Exception = error, **kwargs: object) -> float:
-            raise _error
-
-        monkeypatch.setattr(merchant, "noise_for_run", refuse)
-        out = merchant.train_round(shop, cfg, g, server_round=1, run_id="r", seed=1)
+        with monkeypatch.context() as mp:
+            mp.setattr(target, name, replacement)
+            out = merchant.train_round(shop, cfg, g, server_round=1, run_id=f"r-{code}", seed=1)
         assert (out.status, out.code) == ("refused-budget", code)
-        assert str(error) == out.reason  # the local detail is kept for the merchant's log
+        assert code in out.reason or SECRET in out.reason  # the local detail is kept for the merchant's log
     monkeypatch.undo()
     nan = {k: torch.full_like(v, math.nan) for k, v in g.items()}
     monkeypatch.setattr(merchant, "extract_adapter", lambda m: nan)
-    out = merchant.train_round(shop, cfg, g, server_round=1, run_id="r", seed=1)
+    out = merchant.train_round(shop, cfg, g, server_round=1, run_id="r-nan", seed=1)
     assert (out.status, out.code, out.adapter) == ("failed", "non-finite", None)
 
 
@@ -186,7 +193,7 @@ def reply(
     return delivered(RecordDict(records), meta)
 
 
-GOOD_METRICS = {"epsilon": 1.5, "delta": 1e-6, "examples": 40, "train_loss": 0.7}
+GOOD_METRICS = {"epsilon": 1.5, "delta": 1e-6, "examples": 40, "noise_multiplier": 0.7}
 TRAINED = {"status": "trained", "merchant-id": "m1", "reason": ""}
 
 
@@ -194,7 +201,7 @@ def test_a_well_formed_reply_is_decoded_exactly() -> None:
     tensors = {"lora_A": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     got = decode_reply(7, reply(GOOD_METRICS, status=TRAINED, arrays=tensors))
     assert (got.node_id, got.status, got.merchant_id, got.reason) == (7, "trained", "m1", "")
-    assert got.metrics == {"epsilon": 1.5, "delta": 1e-6, "examples": 40.0, "train_loss": 0.7}
+    assert got.metrics == {"epsilon": 1.5, "delta": 1e-6, "examples": 40.0, "noise_multiplier": 0.7}
     assert got.adapter is not None and torch.equal(got.adapter["lora_A"], tensors["lora_A"])
     assert got.bytes_up >= 24  # six float32 values, plus Flower's header
 
@@ -206,7 +213,9 @@ MALFORMED: dict[str, Message] = {
     "unknown status": reply(GOOD_METRICS, status={**TRAINED, "status": "rejected-update"}),
     "merchant id a list": reply(GOOD_METRICS, status={**TRAINED, "merchant-id": ["a", "b"]}),
     "no metric record": reply(None, status=TRAINED),
-    "list-valued metric": reply({**GOOD_METRICS, "train_loss": [0.1, 0.2]}, status=TRAINED),
+    "list-valued metric": reply({**GOOD_METRICS, "noise_multiplier": [0.1, 0.2]}, status=TRAINED),
+    "undeclared metric (an exact loss)": reply({**GOOD_METRICS, "train_loss": 0.7}, status=TRAINED),
+    "unknown reason": reply(GOOD_METRICS, status={**TRAINED, "reason": "31 customers"}),
     "NaN count": reply({**GOOD_METRICS, "examples": math.nan}, status=TRAINED),
     "infinite epsilon": reply({**GOOD_METRICS, "epsilon": math.inf}, status=TRAINED),
     "fractional count": reply({**GOOD_METRICS, "examples": 2.5}, status=TRAINED),
@@ -247,11 +256,16 @@ def merchant_answer(node: int, msg: Message) -> Message:
         status = {"status": protocol.EVALUATED, "merchant-id": f"m{node}", "reason": ""}
         bad_eval: dict[int, dict[str, Any]] = {
             2: {"examples": math.nan},
-            3: {"accuracy": [0.5]},
-            4: {"loss": math.inf},
+            3: {"eval_noise_multiplier": [0.5]},
+            4: {"epsilon": math.inf},
         }
-        metrics = {"accuracy": 0.5, "loss": 0.7, "examples": 10, **bad_eval.get(node, {})}
-        return reply(metrics, status=status, node=node, to=to, kind="evaluate")
+        metrics = {"epsilon": 0.1, "examples": 10, "eval_noise_multiplier": 1.0, **bad_eval.get(node, {})}
+        # ten held-out customers, every one scored as a buyer; half of them are: accuracy 0.5
+        counts = [0.0] * 48
+        counts[20], counts[24 + 20] = 5.0, 5.0
+        out = reply(metrics, status=status, node=node, to=to, kind="evaluate")
+        out.content["histograms"] = MetricRecord({"model": counts})
+        return out
     adapter = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
     moved = {k: v + 0.01 for k, v in adapter.items()}
     status = {**TRAINED, "merchant-id": f"m{node}"}
