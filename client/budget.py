@@ -289,11 +289,11 @@ class Budget:
 
     # -- the public training size -----------------------------------------------------------------
 
-    def size_charge(self, record: RunRecord) -> Charge | None:
+    def size_charge(self, record: RunRecord, server_round: int = 0) -> Charge | None:
         """What the run's size estimate charges (None with a declared size)."""
         if self.settings.declared_customers is not None:
             return None
-        return release_charge(record.record_id, 0, self.settings.size_noise_multiplier, releases=1)
+        return release_charge(record.record_id, server_round, self.settings.size_noise_multiplier, releases=1)
 
     def reserved(self, record: RunRecord, cfg: RunConfig) -> list[Charge]:
         """What the run's releases other than training charge at most: its evaluations (with the
@@ -311,7 +311,9 @@ class Budget:
         return [c for c in self.ledger.history if c.run_id != record.record_id]
 
 
-def public_size(budget: Budget, record: RunRecord, exact: int, *, seed: int | None = None) -> int:
+def public_size(
+    budget: Budget, record: RunRecord, exact: int, *, server_round: int = 0, seed: int | None = None
+) -> int:
     """The run's public training-set size, fixed once per run: `declared-customers`, or the exact
     count plus Gaussian noise (σ size-noise-multiplier, sensitivity 1), charged before it is drawn and
     rounded up to two significant digits. Call under `budget.locked()`. Raises `Refusal`."""
@@ -321,7 +323,7 @@ def public_size(budget: Budget, record: RunRecord, exact: int, *, seed: int | No
     if declared is not None:
         record.size = declared
         return declared
-    charge = budget.size_charge(record)
+    charge = budget.size_charge(record, server_round)
     assert charge is not None
     budget.charge(record, charge)
     rng = np.random.default_rng(seed)

@@ -38,6 +38,26 @@ delta = {delta}
 # Events (events.jsonl or an ingested store/) and the privacy ledger.
 data-dir = "."
 state-dir = "state"
+# The public size of your training set: DP-SGD's sampling rate, steps and noise come from it, never
+# from the exact count. Unset: a noisy estimate of it, charged once per run.
+# declared-customers = 5000
+# Caps you count yourself, whatever run keys a coordinator sends (per calendar window).
+budget-window-days = 30.0
+max-runs-per-window = 20
+# max-epsilon-per-window = 2.0
+# max-epsilon-per-run = 1.0
+
+# What a coordinator's run plan may ask of you; a run's plan is pinned at its first message.
+[policy]
+tasks = ["purchase-intent", "next-behavior", "category-intent", "customer-label", "repeat-purchase"]
+eval-splits = ["customer", "time"]
+backbones = [""]  # "" = the packaged MiniLM-L6; list any other Hugging Face id or folder you approve
+max-rounds = 50
+max-local-epochs = 20
+max-batch-size = 4096
+max-learning-rate = 10.0
+max-examples-per-customer = 64
+max-adapter-norm = 10000.0
 
 [daemon]
 superlink = {superlink}

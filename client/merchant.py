@@ -193,7 +193,9 @@ def train_round(
     try:
         with budget.locked():
             record = budget.book.find(run_id) or record
-            size = budgets.public_size(budget, record, len(data.train_customers), seed=seed)
+            size = budgets.public_size(
+                budget, record, len(data.train_customers), server_round=server_round, seed=seed
+            )
             plan, sigma = budgets.training_charge(budget, record, cfg, server_round, size)
     except Refusal as refusal:
         return _refused_round(settings, refusal, server_round, budget.ledger)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import FileSettings
+from shared.tasks import TASK_NAMES
 
 SETTINGS_FILE = "merchant.json"
 TOML_FILE = "merchant.toml"
@@ -44,10 +45,7 @@ class RunPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tasks: tuple[str, ...] = Field(
-        ("purchase-intent", "next-action", "category-intent", "segment", "repeat-purchase", "customer-label"),
-        description="tasks this merchant trains and evaluates",
-    )
+    tasks: tuple[str, ...] = Field(TASK_NAMES, description="tasks this merchant trains and evaluates")
     eval_splits: tuple[Literal["customer", "time"], ...] = Field(
         ("customer", "time"),
         description="held-out sets it accepts; a time split's cut-off is the plan's public date, pinned "

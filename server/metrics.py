@@ -1,8 +1,8 @@
 """`metrics.jsonl` (one JSON object per round), the compact console table, and pooled evaluation.
 
 Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", "auc"?, "loss"?,
-"examples", "local_baseline"?: {…}}, "merchants": {id: {"status", "epsilon", "delta", "examples",
-"train_loss", "bytes_up", "noise_multiplier", "sample_rate", "steps", "max_epsilon", "accountant",
+"examples", "local_baseline"?: {…}}, "merchants": {id: {"status", "epsilon", "delta", "examples"
+(the merchant's public training size, never its exact count), "bytes_up", "noise_multiplier", "sample_rate", "steps", "max_epsilon", "accountant",
 "privacy_unit", "evaluation": {"status", "accuracy", …}, "local_baseline"?: {…}}}}.
 Round 0 is the evaluation of the initial, untrained adapter (its merchants have status "evaluated").
 The DP parameters (`train_entry`) are the merchant's report of its round's ledger charge; null when
@@ -61,7 +61,6 @@ def train_entry(
         "epsilon": metrics.get("epsilon"),
         "delta": metrics.get("delta"),
         "examples": examples,
-        "train_loss": metrics.get("train_loss"),
         "bytes_up": bytes_up,
         "noise_multiplier": _in_range("noise_multiplier", sigma, sigma is not None and sigma > 0),
         "sample_rate": _in_range("sample_rate", q, q is not None and 0 < q <= 1),

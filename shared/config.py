@@ -165,6 +165,7 @@ class RunConfig(BaseModel):
         # building the task raises naming the key to fix (customer-labels, leak-roles, repeat-days)
         if self.task_spec.num_labels < 2:
             raise ValueError(f"task {self.task} needs at least two labels")
+        _ = self.lora  # the adapter's spec too (lora-mode with trainable, target modules)
         return self
 
     @field_validator("eval_cutoff", mode="before")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 
 import client.app as client_app
 from server.app import decode_reply
@@ -47,13 +47,7 @@ class InProcessFederation:
 
     def _request(self, kind: str, node: int, adapter: AdapterState, cfg: RunConfig, rnd: int) -> Message:
         self._sent += 1
-        content = RecordDict(
-            {
-                protocol.ARRAYS: ArrayRecord(adapter),
-                protocol.CONFIG: ConfigRecord(cfg.to_record()),  # type: ignore[arg-type]
-                protocol.ROUND: ConfigRecord({protocol.SERVER_ROUND: rnd, protocol.RUN_KEY: self.run_key}),
-            }
-        )
+        content = protocol.encode_request(protocol.Request(cfg.to_record(), rnd, self.run_key, dict(adapter)))
         metadata = Metadata(
             run_id=1,
             message_id=f"m{self._sent}",
@@ -74,7 +68,7 @@ class InProcessFederation:
         replies = []
         for node in nodes:
             reply = handler(self._request(kind, node, adapter, cfg, rnd), self._context(node))
-            replies.append(decode_reply(node, reply))
+            replies.append(decode_reply(node, reply, kind))
         return replies
 
     def train(

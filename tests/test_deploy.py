@@ -71,7 +71,8 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
 def training_charges(ledger: dict[str, Any], run: str) -> list[dict[str, Any]]:
     """The ledger's training charges of `run`: evaluation releases are charged at sample rate 1,
     this test's training rounds sample a quarter of the customers."""
-    return [h for h in ledger["history"] if h["run_id"] == run and h["sample_rate"] < 1.0]
+    # the ledger names the merchant's own run record, "<number>-<run key>"
+    return [h for h in ledger["history"] if h["run_id"].endswith(f"-{run}") and h["sample_rate"] < 1.0]
 
 
 def epsilons(ledger: dict[str, Any]) -> list[float]:
@@ -190,10 +191,12 @@ def test_two_rounds_over_tls_with_authentication(e2e: tuple[Any, str], deploymen
         assert {m: v["status"] for m, v in row["merchants"].items()} == dict.fromkeys(SHOPS, "trained")
     assert (launch.run_dir / "final" / "adapter_model.safetensors").exists()
     for name in SHOPS:
-        charges = [h for h in deployment.ledger(name)["history"] if h["run_id"] == "e2e"]
-        # training rounds 1, 2 and the evaluations of rounds 0, 1, 2 (Gaussian mechanism: sample rate 1)
+        # the merchant's own run record for the coordinator's run "e2e"
+        charges = [h for h in deployment.ledger(name)["history"] if h["run_id"].endswith("-e2e")]
+        # training rounds 1, 2; the evaluations of rounds 0, 1, 2 and the run's size estimate at its
+        # first training round (Gaussian mechanisms: sample rate 1)
         assert [c["round"] for c in charges if c["sample_rate"] < 1.0] == [1, 2]
-        assert [c["round"] for c in charges if c["sample_rate"] == 1.0] == [0, 1, 2]
+        assert [c["round"] for c in charges if c["sample_rate"] == 1.0] == [0, 1, 1, 2]
     summary = run_summary(launch.run_dir)
     assert summary["round"] == 2 and summary["final"]
     assert set(summary["merchants"]) == set(SHOPS)

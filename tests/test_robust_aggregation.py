@@ -241,7 +241,7 @@ class RogueFederation:
             else:
                 delta, claim = honest_delta(n, adapter), HONEST_CLAIMS[n]
             new = {k: adapter[k] + delta[k] for k in adapter}
-            metrics = {"epsilon": 1.0, "delta": 1e-6, "examples": float(claim), "train_loss": 0.5}
+            metrics = {"epsilon": 1.0, "delta": 1e-6, "examples": float(claim)}
             replies.append(Reply(n, TRAINED, f"m{n}", new, metrics))
         return replies
 

@@ -104,7 +104,7 @@ class FakeFederation:
         out = []
         for n in nodes:
             kind = self.behaviours[n]
-            metrics = {"epsilon": 1.0 * server_round, "delta": 1e-6, "examples": 10.0 * n, "train_loss": 0.5}
+            metrics = {"epsilon": 1.0 * server_round, "delta": 1e-6, "examples": 10.0 * n}
             if kind == "good":
                 new = {k: v + 0.01 * n for k, v in adapter.items()}
                 out.append(Reply(n, TRAINED, f"m{n}", new, metrics, bytes_up=123))

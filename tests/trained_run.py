@@ -24,7 +24,6 @@ def metrics_rows() -> list[dict[str, Any]]:
             "epsilon": eps,
             "delta": 1e-6,
             "examples": 40,
-            "train_loss": 0.6,
             "bytes_up": bytes_up,
             **extra,
         }
