@@ -2,8 +2,9 @@
 
 Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", "auc"?, "loss"?,
 "examples", "local_baseline"?: {…}}, "merchants": {id: {"status", "epsilon", "delta", "examples"
-(the merchant's public training size, never its exact count), "bytes_up", "noise_multiplier", "sample_rate", "steps", "max_epsilon", "accountant",
-"privacy_unit", "evaluation": {"status", "accuracy", …}, "local_baseline"?: {…}}}}.
+(the merchant's public training size, never its exact count), "bytes_up", "noise_multiplier",
+"sample_rate", "steps", "max_epsilon", "accountant", "privacy_unit", "evaluation": {"status",
+"accuracy", …}, "local_baseline"?: {…}}}}.
 Round 0 is the evaluation of the initial, untrained adapter (its merchants have status "evaluated").
 The DP parameters (`train_entry`) are the merchant's report of its round's ledger charge; null when
 the merchant sent none (a refusal) or sent one out of range.
