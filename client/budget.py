@@ -143,7 +143,7 @@ class RunRecord:
     key: str
     plan: dict[str, Any]
     started: float
-    trained_rounds: int = 0
+    trained: list[int] = field(default_factory=list)  # rounds trained (a resumed run may ask one again)
     evaluations: int = 0
     baseline_sent: bool = False
     size: int | None = None  # public: declared, or the run's charged estimate
@@ -427,7 +427,9 @@ def training_charge(
     budget: Budget, record: RunRecord, cfg: RunConfig, server_round: int, size: int
 ) -> tuple[StepPlan, float]:
     """Plan, count and charge one training round of `record` (under the lock). Raises `Refusal`."""
-    if record.trained_rounds >= cfg.num_rounds:
+    if not 1 <= server_round <= cfg.num_rounds:
+        raise refused(Reason.RUN_LIMIT, f"round {server_round} is outside run {record.key!r}'s 1…{cfg.num_rounds}")
+    if server_round not in record.trained and len(record.trained) >= cfg.num_rounds:
         raise refused(Reason.RUN_LIMIT, f"run {record.key!r} already trained its {cfg.num_rounds} rounds")
     plan, sigma = round_plan(budget, record, cfg, size)
     budget.charge(
@@ -441,7 +443,8 @@ def training_charge(
             max_grad_norm=cfg.max_grad_norm,
         ),
     )
-    record.trained_rounds += 1
+    if server_round not in record.trained:
+        record.trained.append(server_round)
     return plan, sigma
 
 

@@ -165,7 +165,10 @@ def _admit(
     budget = Budget.open(settings, privacy_unit(settings))
     with budget.locked():
         record = budget.admit(cfg, run_id)
-    model, encoder, device = _model(settings, cfg)
+    try:
+        model, encoder, device = _model(settings, cfg)
+    except Exception as err:  # public inputs only (the plan, an approved backbone): no data read yet
+        raise budgets.bad_request(f"the plan's model cannot be built: {type(err).__name__}: {err}") from err
     problem = budgets.incoming_problem(model, adapter, settings.policy.max_adapter_norm)
     if problem is not None:
         raise budgets.bad_request(problem)
