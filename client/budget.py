@@ -428,7 +428,9 @@ def training_charge(
 ) -> tuple[StepPlan, float]:
     """Plan, count and charge one training round of `record` (under the lock). Raises `Refusal`."""
     if not 1 <= server_round <= cfg.num_rounds:
-        raise refused(Reason.RUN_LIMIT, f"round {server_round} is outside run {record.key!r}'s 1…{cfg.num_rounds}")
+        raise refused(
+            Reason.RUN_LIMIT, f"round {server_round} is outside run {record.key!r}'s 1…{cfg.num_rounds}"
+        )
     if server_round not in record.trained and len(record.trained) >= cfg.num_rounds:
         raise refused(Reason.RUN_LIMIT, f"run {record.key!r} already trained its {cfg.num_rounds} rounds")
     plan, sigma = round_plan(budget, record, cfg, size)
