@@ -135,7 +135,24 @@ def cmd_budget(args: argparse.Namespace) -> int:
             f"{h.run_id:<36} {h.round:>5} {h.noise_multiplier:>7.3f} {h.sample_rate:>8.4f} {h.steps:>6} "
             f"{h.max_grad_norm:>5}"
         )
+    _print_runs(path.parent)
     return 0
+
+
+def _print_runs(state_dir: Path) -> None:
+    """The merchant's run book beside its ledger: the runs it joined and what each was answered."""
+    from datetime import datetime, timezone
+
+    from client.budget import RUNS_FILE, RunBook
+
+    if not (state_dir / RUNS_FILE).exists():
+        return
+    print(f"\n{'run record':<36} {'started (UTC)':<17} {'trained':>8} {'evals':>5} {'size':>8}")
+    for r in RunBook.load(state_dir).records:
+        started = datetime.fromtimestamp(r.started, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        size = "-" if r.size is None else f"{r.size}{'~' if r.size_estimated else ''}"
+        print(f"{r.record_id:<36} {started:<17} {len(r.trained):>8} {r.evaluations:>5} {size:>8}")
+    print("(size: the run's public training size; ~ a charged estimate)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -202,3 +202,20 @@ def test_delta_not_far_below_one_over_customers_is_refused(tiny_bert: str, shop:
     )
     assert out.status == "refused-budget" and "delta" in out.reason and out.adapter is None
     assert not settings.ledger_path.exists() or json.loads(settings.ledger_path.read_text())["history"] == []
+
+
+def test_the_budget_command_lists_the_run_book(
+    tiny_bert: str, shop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from client.cli import cmd_budget
+
+    settings = settings_of(shop, max_epsilon=20.0)
+    cfg = config(tiny_bert)
+    merchant.train_round(settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="spring", seed=1)
+    assert cmd_budget(argparse.Namespace(ledger=str(settings.state_dir))) == 0
+    out = capsys.readouterr().out
+    runs = out.split("run record")[1]  # the run book, after the ledger's charges
+    row = next(line for line in runs.splitlines() if line.startswith("0001-spring"))
+    assert row.split()[-3:] == ["1", "0", str(SIZE)]  # one round trained, no evaluation, the declared size
