@@ -114,7 +114,7 @@ def policy_problem(settings: MerchantSettings, cfg: RunConfig) -> str | None:
             f"eval-split {cfg.eval_split!r} is not in policy.eval-splits {list(policy.eval_splits)}",
         ),
         (
-            cfg.backbone in policy.backbones,
+            _same_backbone(cfg.backbone, policy.backbones),
             f"backbone {cfg.backbone!r} is not in policy.backbones: the approved app loads only the "
             "backbones the merchant lists",
         ),
@@ -132,6 +132,13 @@ def policy_problem(settings: MerchantSettings, cfg: RunConfig) -> str | None:
     ]
     problems = [text for ok, text in checks if not ok]
     return "; ".join(problems) if problems else None
+
+
+def _same_backbone(name: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `name` is one of the `allowed` backbones ("" and the packaged folder are one)."""
+    from shared.model import resolve_backbone
+
+    return resolve_backbone(name) in {resolve_backbone(a) for a in allowed}
 
 
 @dataclass

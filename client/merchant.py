@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ def train_round(
     try:
         budget, record, model, encoder, device = _admit(settings, cfg, adapter, run_id)
     except Refusal as refusal:
-        return _refused_round(settings, refusal, server_round)
+        return _refused(RoundOutcome, settings, refusal, server_round)
     data = _data(settings, cfg)  # private from here on
     chosen = data.train_round(f"{run_id}:{server_round}", cfg.examples_per_customer)
     try:
@@ -201,7 +202,7 @@ def train_round(
             )
             plan, sigma = budgets.training_charge(budget, record, cfg, server_round, size)
     except Refusal as refusal:
-        return _refused_round(settings, refusal, server_round, budget.ledger)
+        return _refused(RoundOutcome, settings, refusal, server_round, budget.ledger)
     # From here on the spend is on disk: whatever happens next, it stays charged.
     load_adapter(model, adapter)
     spec = AdapterSpec.of(model)
@@ -257,9 +258,18 @@ def train_round(
     )
 
 
-def _refused_round(
-    settings: MerchantSettings, refusal: Refusal, server_round: int, ledger: Ledger | None = None
-) -> RoundOutcome:
+Outcome = TypeVar("Outcome", "RoundOutcome", "EvalOutcome")
+
+
+def _refused(
+    kind: type[Outcome],
+    settings: MerchantSettings,
+    refusal: Refusal,
+    server_round: int,
+    ledger: Ledger | None = None,
+) -> Outcome:
+    """The outcome of a message the merchant does not answer with a release: its status, its fixed
+    reason for the wire, and the detail for the merchant's own log."""
     ledger = ledger or open_ledger(settings)
     log.warning(
         "%s answers round %d with %s: %s",
@@ -268,7 +278,7 @@ def _refused_round(
         refusal.reason.value,
         refusal.detail,
     )
-    return RoundOutcome(
+    return kind(
         refusal.status.value,
         settings.merchant_id,
         ledger.epsilon,
@@ -326,16 +336,7 @@ def evaluate_round(
             record = budget.book.find(run_id) or record
             with_baseline = budgets.evaluation_charge(budget, record, server_round)
     except Refusal as refusal:
-        ledger = open_ledger(settings)
-        log.warning("%s will not evaluate round %d: %s", settings.merchant_id, server_round, refusal.detail)
-        return EvalOutcome(
-            refusal.status.value,
-            settings.merchant_id,
-            ledger.epsilon,
-            ledger.delta,
-            reason=refusal.detail,
-            code=refusal.reason.value,
-        )
+        return _refused(EvalOutcome, settings, refusal, server_round)
     ledger = budget.ledger
     load_adapter(model, adapter)
     keep_global(settings, model, cfg, run_id=run_id, server_round=server_round)

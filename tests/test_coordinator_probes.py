@@ -315,3 +315,12 @@ def test_a_refused_evaluation_writes_no_adapter(tiny_bert: str, shop: Path, tmp_
     refused = ask("evaluate", message("evaluate", config, g, round_=1), s)
     assert refused.reason is Reason.EVALUATION_LIMIT
     assert sorted(p.name for p in (s.state_dir / "global").rglob("*")) == before
+
+
+def test_the_packaged_backbone_is_allowed_by_name_or_by_folder(tiny_bert: str, shop: Path) -> None:
+    from shared.model import default_backbone
+
+    s = settings(shop, shop / "unused", tiny_bert, policy={"backbones": [""]})
+    assert budgets.policy_problem(s, RunConfig(backbone=default_backbone())) is None
+    assert budgets.policy_problem(s, RunConfig(backbone="")) is None
+    assert "backbone" in (budgets.policy_problem(s, RunConfig(backbone=tiny_bert)) or "")

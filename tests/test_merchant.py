@@ -213,7 +213,9 @@ def test_the_budget_command_lists_the_run_book(
 
     settings = settings_of(shop, max_epsilon=20.0)
     cfg = config(tiny_bert)
-    merchant.train_round(settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="spring", seed=1)
+    merchant.train_round(
+        settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="spring", seed=1
+    )
     assert cmd_budget(argparse.Namespace(ledger=str(settings.state_dir))) == 0
     out = capsys.readouterr().out
     runs = out.split("run record")[1]  # the run book, after the ledger's charges
