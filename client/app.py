@@ -35,6 +35,12 @@ def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
         ensure_merchant(
             cfg.sim_seed, pid, Path(cfg.sim_root) / f"merchant-{pid}", base_customers=cfg.sim_customers
         )
+        settings = from_node_config(context.node_config, cfg.sim_root)
+        # the simulation owns its merchants: their policy admits the simulation's backbone (a
+        # deployed SuperNode has no partition-id, and its policy is the merchant's alone)
+        policy = settings.policy
+        backbones = policy.model_copy(update={"backbones": (*policy.backbones, cfg.backbone)})
+        return settings.model_copy(update={"policy": backbones})
     return from_node_config(context.node_config, cfg.sim_root)
 
 

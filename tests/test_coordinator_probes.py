@@ -324,3 +324,17 @@ def test_the_packaged_backbone_is_allowed_by_name_or_by_folder(tiny_bert: str, s
     assert budgets.policy_problem(s, RunConfig(backbone=default_backbone())) is None
     assert budgets.policy_problem(s, RunConfig(backbone="")) is None
     assert "backbone" in (budgets.policy_problem(s, RunConfig(backbone=tiny_bert)) or "")
+
+
+def test_a_simulated_merchant_admits_the_simulations_backbone(tmp_path: Path) -> None:
+    """The Ray simulation owns its merchants (Flower gives them a partition-id); a deployed
+    merchant's node config has none, and its policy stays its own."""
+    from flwr.app import Context, RecordDict
+
+    import client.app as client_app
+
+    cfg = RunConfig(backbone="bert-base-chinese", sim_root=str(tmp_path), sim_customers=20)
+    simulated = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
+    assert "bert-base-chinese" in client_app._settings(simulated, cfg).policy.backbones
+    deployed = Context(1, 1, {"merchant-id": "m", "data-dir": str(tmp_path)}, RecordDict(), {})
+    assert "bert-base-chinese" not in client_app._settings(deployed, cfg).policy.backbones

@@ -311,7 +311,8 @@ def arm_federated(
         # a fresh ledger, the data as it is (a synthetic shop's events are events.jsonl: keep them)
         shutil.copytree(folder, target, ignore=shutil.ignore_patterns("state"))
         meta = json.loads((target / "merchant.json").read_text())
-        meta.update(max_epsilon=epsilon, delta=DELTA)
+        # the study owns these merchants: their policy admits the study's backbone
+        meta.update(max_epsilon=epsilon, delta=DELTA, policy={"backbones": ["", cfg.backbone]})
         (target / "merchant.json").write_text(json.dumps(meta))
         copies.append(target)
     try:
