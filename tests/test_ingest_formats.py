@@ -341,8 +341,9 @@ def test_a_first_batch_of_bad_data_is_quarantined_not_refused(tmp_path: Path) ->
     report = ingest(src, "csv", tmp_path / "out", mapping=mapping)
     assert (report.good, report.reasons) == (0, {"empty_row": 1, "negative_price": 2})
     empty = write(tmp_path / "empty.csv", "")
-    assert ingest(empty, "taobao", tmp_path / "out2").total == 0
-    assert store(tmp_path / "out2") == []
+    with pytest.raises(IngestError, match="no data rows"):  # named, and nothing written (issue 21)
+        ingest(empty, "taobao", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "store").exists()
 
 
 def test_quoted_csv_with_broken_lines_keeps_row_numbers(tmp_path: Path) -> None:

@@ -99,6 +99,11 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--session-gap", type=int, default=1800, metavar="SECONDS", help="inactivity gap")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per batch (memory bound)")
+    parser.add_argument(
+        "--replace-smaller",
+        action="store_true",
+        help="replace an existing store even when the new export has fewer good rows (default: refuse)",
+    )
     parser.set_defaults(func=cmd_ingest)
     return parser
 
@@ -135,6 +140,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         batch_rows=args.batch_rows,
         attributes=tuple(c.strip() for text in args.attribute for c in text.split(",") if c.strip()),
         strict=args.strict,
+        replace_smaller=args.replace_smaller,
     )
     if args.labels is not None:
         print(f"labels: {copy_labels(args.labels, args.out)}")

@@ -260,6 +260,13 @@ def generic_layout(
     from client.ingest.readers import peek_columns
 
     columns, first_row, delimiter = peek_columns(source, kind)
+    if not columns:
+        raise IngestError(f"{source.name} is empty (no header, no rows); nothing was written")
+    if columns[0].lstrip().startswith(("[", "{")) and kind == "csv":
+        raise IngestError(
+            f"{source.name} looks like JSON, not CSV (it starts with {columns[0][:1]!r}); "
+            "export it as CSV, or save JSON Lines (one object per line) and use --format jsonl"
+        )
     if mapping is None:
         fields = {f: f for f in FIELDS if f in columns}
     else:

@@ -15,6 +15,7 @@ can fill, the behaviour as a one-byte code) in `out_dir` until pass 2 has writte
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -238,13 +239,16 @@ def ingest(
     batch_rows: int = 1_000_000,
     attributes: tuple[str, ...] = (),
     strict: bool | None = None,
+    replace_smaller: bool = False,
 ) -> IngestReport:
     """Ingest `source` (format `fmt`) into `out_dir`: store parts, quarantine file and report.
 
     `attributes`: source columns whose values go into the text; `strict`: quarantine event names that
     `behavior_map` does not map instead of keeping them with role `other` (default: strict only for
-    the fixed public formats). Raises IngestError (a ValueError) for a wrong format or mapping,
-    FileNotFoundError for a missing source. The source file is never modified."""
+    the fixed public formats). Raises IngestError (a ValueError) for a wrong format or mapping, a
+    source without data rows (empty or header-only), or one with fewer good rows than the store it
+    would replace (unless `replace_smaller`): the old store is then left as it was. FileNotFoundError
+    for a missing source. The source file is never modified."""
     started = time.perf_counter()
     if batch_rows < 1 or session_gap_s < 0:
         raise ValueError("batch_rows must be >= 1 and session_gap_s >= 0")
@@ -267,6 +271,7 @@ def ingest(
             spill.close()
             quarantine.close()
         _finish(report, quarantine, spill.parts, started)
+        _check_replacement(source, out_dir, report, replace_smaller)
         atomic_write_json(tmp / REPORT_FILE, report.to_json())
         publish(tmp, out_dir)
     finally:
@@ -275,6 +280,28 @@ def ingest(
         "ingested %s: %d rows, %d good, %d quarantined", source, report.total, report.good, report.quarantined
     )
     return report
+
+
+def _check_replacement(source: Path, out_dir: Path, report: IngestReport, replace_smaller: bool) -> None:
+    """Refuse an ingest that would lose data: a source without data rows, or fewer good rows than
+    the store it replaces (a truncated export, the wrong file) unless asked to."""
+    if report.total == 0:
+        raise IngestError(
+            f"{source} has no data rows (an empty or header-only file); nothing was written"
+            + (f" and the store in {out_dir} is unchanged" if (out_dir / STORE_DIR).exists() else "")
+        )
+    old_report = out_dir / REPORT_FILE
+    if replace_smaller or not (out_dir / STORE_DIR).exists() or not old_report.exists():
+        return
+    try:
+        old_good = int(json.loads(old_report.read_text(encoding="utf-8")).get("good", 0))
+    except (ValueError, TypeError, AttributeError):
+        return  # an unreadable old report says nothing about the old store's size
+    if report.good < old_good:
+        raise IngestError(
+            f"{source} gives {report.good} good rows, fewer than the {old_good} of the store in {out_dir}; "
+            "the store is unchanged. If the smaller export is right, ingest it again with --replace-smaller"
+        )
 
 
 def _check_out_dir(plan: Plan, out_dir: Path) -> None:
