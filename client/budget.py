@@ -292,7 +292,15 @@ class Budget:
                 raise BudgetExceededError(current=self.ledger.epsilon, would_be=would_be, max_epsilon=target)
             self.ledger.charge(charge)
         except BudgetExceededError as err:
-            raise refused(Reason.BUDGET, f"{err} (run and window caps included)") from None
+            left = self.ledger.max_epsilon - self.ledger.epsilon
+            if err.would_be > self.ledger.max_epsilon:
+                future = (
+                    f"max-epsilon would be passed (ε {left:.3f} left for good): only a smaller plan "
+                    "(fewer rounds or evaluations) can still use this data, or none once it is near 0"
+                )
+            else:
+                future = "this run's or window's cap is reached: a later run or window may continue"
+            raise refused(Reason.BUDGET, f"{err}; {future}") from None
 
     # -- the public training size -----------------------------------------------------------------
 

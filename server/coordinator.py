@@ -12,11 +12,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from server.checkpoint import load_latest, save_checkpoint
 from server.export import export_final
-from server.metrics import GLOBAL_KEYS, MetricsLog, pool_evaluations, train_entry
+from server.metrics import FAILURE_FILE, GLOBAL_KEYS, MetricsLog, pool_evaluations, train_entry
 from server.round_state import RoundState
 from server.strategy import (
     RobustPolicy,
@@ -28,6 +28,7 @@ from server.strategy import (
 )
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter
 from shared.config import RunConfig
+from shared.fileio import atomic_write_json
 from shared.model import build_model
 from shared.protocol import EVALUATED
 
@@ -95,6 +96,10 @@ class RunPaths:
     def final(self) -> Path:
         return self.root / "final"
 
+    @property
+    def failure(self) -> Path:
+        return self.root / FAILURE_FILE
+
 
 class Coordinator:
     """Runs `cfg.num_rounds` rounds of adapter FedAvg over a `Federation`, writing the run folder."""
@@ -139,6 +144,19 @@ class Coordinator:
         export_final(self.model, adapter, self.paths.final, self.cfg, last, self.last_status)
         return self.paths.root
 
+    def _fail(self, server_round: int, what: str, merchants: dict[str, dict[str, Any]]) -> NoReturn:
+        """Stop the run, saying why: `failure.json` in the run folder (read by `coordinator status`
+        and `run --wait`) and the error, each with every merchant's status and public reason."""
+        entries = {
+            k: {"status": v.get("status"), "reason": v.get("reason", "")} for k, v in merchants.items()
+        }
+        summary = ", ".join(
+            f"{k}: {v['status']}" + (f" ({v['reason']})" if v["reason"] else "") for k, v in entries.items()
+        )
+        message = f"round {server_round}: {what} ({summary or 'no replies'})"
+        atomic_write_json(self.paths.failure, {"round": server_round, "error": message, "merchants": entries})
+        raise NoMerchantTrainedError(message)
+
     def _sample(self, fraction: float, minimum: int) -> list[int]:
         """Wait for min-available-nodes merchants, then draw this round's participants."""
         return sample_nodes(
@@ -169,16 +187,15 @@ class Coordinator:
                 examples=claimed_examples(reply.metrics.get("examples")),
                 bytes_up=reply.bytes_up,
             )
+            if status != TRAINED:  # the merchant's fixed reason (budget, policy, …) or the coordinator's note
+                merchants[reply.name]["reason"] = reply.reason
         screening = screen_updates(updates, adapter, self.policy, norm_history=self.round_state.norm_history)
         for name, reason in screening.rejected.items():
             merchants[name]["status"] = REJECTED
             log.warning("round %d: update of %s rejected: %s", server_round, name, reason)
         self.last_status.update({k: dict(v) for k, v in merchants.items()})
         if not screening.accepted:
-            summary = ", ".join(f"{k}: {v['status']}" for k, v in merchants.items()) or "no replies"
-            raise NoMerchantTrainedError(
-                f"round {server_round}: no merchant produced a usable update ({summary})"
-            )
+            self._fail(server_round, "no merchant produced a usable update", merchants)
         new_adapter = self.round_state.optimizer.step(
             adapter, aggregate_delta(screening, adapter, self.policy)
         )
@@ -190,14 +207,16 @@ class Coordinator:
     ) -> dict[str, Any]:
         cfg = self.cfg
         nodes = self._sample(cfg.fraction_evaluate, cfg.min_evaluate_nodes)
-        answered = [
-            r
-            for r in self.federation.evaluate(nodes, adapter, cfg, server_round)
-            if r.status in (EVALUATED, REFUSED)  # a merchant may refuse: its budget, its evaluation limit
-        ]
+        received = self.federation.evaluate(nodes, adapter, cfg, server_round)
+        # a merchant may refuse: its budget, its evaluation limit, its policy
+        answered = [r for r in received if r.status in (EVALUATED, REFUSED)]
         replies = [r for r in answered if r.status == EVALUATED]
         if not replies:
-            raise NoMerchantTrainedError(f"round {server_round}: no merchant returned an evaluation")
+            self._fail(
+                server_round,
+                "no merchant returned an evaluation",
+                {r.name: {"status": r.status, "reason": r.reason} for r in received},
+            )
         for r in answered:  # evaluation also reports each merchant's current epsilon
             entry = self.last_status.setdefault(r.name, {"status": "-"})
             entry.update(epsilon=r.metrics.get("epsilon"), delta=r.metrics.get("delta"))

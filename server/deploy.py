@@ -313,8 +313,19 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     for row in rows:
         for merchant, entry in row.get("merchants", {}).items():
             merchants.setdefault(merchant, {}).update(
-                {"status": entry.get("status"), "round": row["round"], "epsilon": entry.get("epsilon")}
+                {
+                    "status": entry.get("status"),
+                    "reason": entry.get("reason", ""),
+                    "round": row["round"],
+                    "epsilon": entry.get("epsilon"),
+                }
             )
+    from server.metrics import FAILURE_FILE
+
+    failure = _read_json(run_dir / FAILURE_FILE, None)
+    if isinstance(failure, dict):  # the round that stopped the run: each merchant's public reason
+        for merchant, entry in dict(failure.get("merchants", {})).items():
+            merchants.setdefault(merchant, {}).update({**entry, "round": failure.get("round")})
     return {
         "run": run_dir.name,
         "round": rows[-1]["round"] if rows else None,
@@ -322,6 +333,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "global": rows[-1].get("global", {}) if rows else {},
         "merchants": merchants,
         "final": (run_dir / "final").is_dir(),
+        **({"failure": failure.get("error")} if isinstance(failure, dict) else {}),
     }
 
 

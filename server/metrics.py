@@ -31,6 +31,9 @@ from shared.histograms import LOCAL_BASELINE, MODEL, Histogram, noise_errors
 log = logging.getLogger(__name__)
 
 GLOBAL_KEYS = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss")
+FAILURE_FILE = "failure.json"
+"""Beside `metrics.jsonl` when a run stopped: the round, the error and each merchant's status with its
+public reason (`budget`, `policy`, …, or the coordinator's note such as a timeout)."""
 
 
 def _in_range(key: str, value: float | None, ok: bool) -> float | None:

@@ -296,3 +296,39 @@ def test_malformed_replies_never_abort_the_run(
     # only node 1's evaluation counts: its own numbers, not an average with NaN or a list
     assert rows[1]["global"]["accuracy"] == pytest.approx(0.5)
     assert rows[1]["global"]["examples"] == 10
+
+
+def refusing_answer(node: int, msg: Message) -> Message:
+    """Every merchant evaluates round 0, then refuses to train: its budget (1, 2) or its policy (3, 4)."""
+    to = msg.metadata.message_id
+    if msg.metadata.message_type == "evaluate":
+        return merchant_answer(1, msg)
+    reason = "budget" if node <= 2 else "policy"
+    status = {"status": "refused-budget", "merchant-id": f"m{node}", "reason": reason}
+    return reply({"epsilon": 8.0, "delta": 1e-6}, status=status, node=node, to=to)
+
+
+def test_a_run_where_every_merchant_refuses_says_who_and_why(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.coordinator import NoMerchantTrainedError
+    from server.deploy import run_summary
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    cfg = RunConfig.parse({"backbone": tiny_bert, "num-rounds": 1, "lora-r": 2, "min-train-nodes": 1})
+    federation = GridFederation(FakeGrid(refusing_answer), "run", timeout=None)  # type: ignore[arg-type]
+    with pytest.raises(
+        NoMerchantTrainedError, match=r"m1: refused-budget \(budget\).*m3: refused-budget \(policy\)"
+    ):
+        Coordinator(cfg, federation, tmp_path / "run", console=False).run()
+    summary = run_summary(tmp_path / "run")
+    assert "no merchant produced a usable update" in summary["failure"]
+    assert {m: (e["status"], e["reason"]) for m, e in summary["merchants"].items()} == {
+        "m1": ("refused-budget", "budget"),
+        "m2": ("refused-budget", "budget"),
+        "m3": ("refused-budget", "policy"),
+        "m4": ("refused-budget", "policy"),
+    }
