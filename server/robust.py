@@ -8,7 +8,9 @@ The coordinator trusts nothing a merchant reports. Three bounds live here:
   claim of 10⁹ weighs at most as much as a few typical merchants;
 - `trimmed_mean` / `coordinate_median`: coordinate-wise aggregates in which a minority of arbitrary
   values (a sign-flipped update passes any norm bound) cannot move a coordinate outside the range of
-  the honest values.
+  the honest values;
+- `robust_trim_count`: the default aggregate's trim, at least one value at each end from three
+  updates on, so that one merchant never sets a coordinate (with three, the median).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+AGGREGATIONS = ("robust", "fedavg", "trimmed-mean", "median")
 
 # A median over fewer values is decided by a single merchant: below this, fall back to the history
 # of earlier rounds or to the absolute bound.
@@ -77,10 +79,21 @@ def trim_count(n: int, trim_fraction: float) -> int:
     return min(k, (n - 1) // 2)
 
 
-def trimmed_mean(values: Sequence[torch.Tensor], trim_fraction: float) -> torch.Tensor:
-    """Coordinate-wise mean after dropping the `trim_count` smallest and largest values (float64)."""
+def robust_trim_count(n: int, trim_fraction: float) -> int:
+    """The default aggregate's trim: `trim_count`, but at least 1 once there are three values, so a
+    single merchant's value is always among those dropped when it is extreme in a coordinate."""
+    k = trim_count(n, trim_fraction)
+    return max(k, 1) if n >= MIN_UPDATES_FOR_MEDIAN else k
+
+
+def trimmed_mean(
+    values: Sequence[torch.Tensor], trim_fraction: float, *, at_least_one: bool = False
+) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the `trim_count` smallest and largest values (float64);
+    `at_least_one`: `robust_trim_count` instead."""
     stacked = _stack(values)
-    k = trim_count(stacked.shape[0], trim_fraction)
+    n = stacked.shape[0]
+    k = robust_trim_count(n, trim_fraction) if at_least_one else trim_count(n, trim_fraction)
     ordered = stacked.sort(dim=0).values
     return ordered[k : stacked.shape[0] - k].mean(dim=0)
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.robust import AGGREGATIONS, cap_weights, coordinate_median, norm_bound, trimmed_mean
+from server.robust import (
+    AGGREGATIONS,
+    MIN_UPDATES_FOR_MEDIAN,
+    cap_weights,
+    coordinate_median,
+    norm_bound,
+    trimmed_mean,
+)
 from shared.adapters import AdapterSpec, AdapterState, OutgoingGuardError
 from shared.config import RunConfig
 
@@ -92,7 +99,7 @@ def fedavg(updates: Sequence[Update], weights: Sequence[float] | None = None) ->
 class RobustPolicy:
     """How the coordinator bounds what merchants send (run config keys in parentheses)."""
 
-    aggregation: str = "fedavg"  # (aggregation) fedavg | trimmed-mean | median
+    aggregation: str = "robust"  # (aggregation) robust | fedavg | trimmed-mean | median
     trim_fraction: float = 0.25  # (trim-fraction) dropped at each end per coordinate by trimmed-mean
     update_norm_factor: float = 3.0  # (update-norm-factor) reject norms above this x the round's median
     max_update_norm: float = 100.0  # (max-update-norm) absolute ceiling, the only bound of a small round
@@ -187,8 +194,18 @@ def aggregate_delta(
     """The round's aggregated change to the global adapter (float64), by `policy.aggregation`.
 
     Trimmed mean and median are unweighted (a claimed count gives no extra say per coordinate), and
-    computed on deltas, which is the same as on adapters: both are translation-equivariant.
+    computed on deltas, which is the same as on adapters: both are translation-equivariant. The
+    default, "robust", is the trimmed mean with at least one value dropped at each end from three
+    updates on, so every coordinate of the step stays within the honest merchants' range whatever one
+    merchant sends; with one or two updates it is the weighted FedAvg and says it cannot promise that.
     """
+    if policy.aggregation == "robust" and len(screening.accepted) < MIN_UPDATES_FOR_MEDIAN:
+        log.warning(
+            "%d accepted update(s): with fewer than %d merchants one merchant can steer the step "
+            "(robust aggregation falls back to weighted FedAvg)",
+            len(screening.accepted),
+            MIN_UPDATES_FOR_MEDIAN,
+        )
     if not screening.accepted:
         raise ValueError("aggregation needs at least one accepted update")
     out: dict[str, torch.Tensor] = {}
@@ -199,7 +216,9 @@ def aggregate_delta(
             out[key] = coordinate_median(deltas)
         elif policy.aggregation == "trimmed-mean":
             out[key] = trimmed_mean(deltas, policy.trim_fraction)
-        else:
+        elif policy.aggregation == "robust" and len(deltas) >= MIN_UPDATES_FOR_MEDIAN:
+            out[key] = trimmed_mean(deltas, policy.trim_fraction, at_least_one=True)
+        else:  # fedavg, and "robust" below three updates (no rule can outvote one of two merchants)
             total = sum(screening.weights)
             out[key] = sum(
                 (d * (w / total) for d, w in zip(deltas, screening.weights, strict=True)),

@@ -124,7 +124,7 @@ def test_screening_rejects_outliers_and_caps_weights() -> None:
     assert s.bound == pytest.approx(6.0) and s.round_median == pytest.approx(2.0)
     # accepted claims 10, 20, 30, 10⁹ → median 25 → 10⁹ weighs 75
     assert s.weights == [10.0, 20.0, 30.0, 75.0]
-    delta = aggregate_delta(s, G, RobustPolicy())
+    delta = aggregate_delta(s, G, RobustPolicy(aggregation="fedavg"))
     # by hand: (10·a + 20·b + 30·c + 75·huge) / 135
     assert torch.allclose(delta["w"], torch.tensor([10 / 135, (40 + 75) / 135], dtype=torch.float64))
     assert torch.allclose(delta["b"], torch.tensor([90 / 135], dtype=torch.float64))
@@ -291,7 +291,7 @@ def _errors(fed: RogueFederation) -> list[float]:
 FEDAVG_ERRORS = [0.0, 0.0, 240 / 570, 1050 / 975]
 
 
-@pytest.mark.parametrize("aggregation", ["fedavg", "trimmed-mean", "median"])
+@pytest.mark.parametrize("aggregation", ["robust", "fedavg", "trimmed-mean", "median"])
 def test_rogue_merchant_cannot_take_over_the_global_adapter(
     tiny_bert: str, tmp_path: Path, aggregation: str
 ) -> None:
@@ -318,3 +318,66 @@ def test_resume_continues_the_server_optimizer(tiny_bert: str, tmp_path: Path) -
     for key, value in straight.adapters[-1].items():
         assert torch.equal(resumed.adapters[-1][key], value), key
     assert (tmp_path / "split" / "checkpoints" / "server-0004.safetensors").exists()
+
+
+# --- the default aggregate against one rogue merchant (issue 21) ---------------------------------------
+
+
+def _honest(n: int, seed: int) -> tuple[list[Update], torch.Tensor]:
+    """n honest merchants: a shared direction plus DP-like noise twice its size, 100-300 examples."""
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(64, generator=gen)
+    direction /= direction.norm()
+    updates = [
+        Update(f"h{i}", {"w": direction + 2.0 * torch.randn(64, generator=gen) / 8.0}, 100 + 50 * (i % 5))
+        for i in range(n)
+    ]
+    return updates, direction
+
+
+def _rogues(honest: list[Update], direction: torch.Tensor) -> dict[str, Update]:
+    norms = sorted(float(u.adapter["w"].norm()) for u in honest)
+    median = norms[len(norms) // 2]
+    return {
+        "nan": Update("r", {"w": torch.full((64,), math.nan)}, 100),
+        "x100": Update("r", {"w": 100.0 * honest[0].adapter["w"]}, 100),
+        "3x median, 10⁹ claim": Update("r", {"w": -2.99 * median * direction}, 10**9),
+        "sign flip": Update("r", {"w": -honest[0].adapter["w"]}, 300),
+        "free rider": Update("r", {"w": torch.zeros(64)}, 300),  # sends the previous global back
+    }
+
+
+@pytest.mark.parametrize("n_honest", [3, 7, 15])
+def test_the_default_aggregate_keeps_one_rogue_within_the_honest_range(n_honest: int) -> None:
+    """Every coordinate of the default step lies within the honest merchants' values, whatever the
+    rogue sends; the step along the honest direction stays positive (FedAvg's turns negative)."""
+    zero = {"w": torch.zeros(64)}
+    honest, direction = _honest(n_honest, seed=n_honest)
+    stacked = torch.stack([u.adapter["w"].double() for u in honest])
+    low, high = stacked.min(0).values, stacked.max(0).values
+    for name, rogue in _rogues(honest, direction).items():
+        screening = screen_updates([*honest, rogue], zero, RobustPolicy())
+        step = aggregate_delta(screening, zero, RobustPolicy())["w"]
+        assert bool(((step >= low - 1e-12) & (step <= high + 1e-12)).all()), name
+        assert float(step @ direction.double()) > 0, name
+    flip = _rogues(honest, direction)["3x median, 10⁹ claim"]
+    screening = screen_updates([*honest, flip], zero, RobustPolicy(aggregation="fedavg"))
+    fedavg = aggregate_delta(screening, zero, RobustPolicy(aggregation="fedavg"))["w"]
+    if n_honest <= 7:  # the issue's figures: FedAvg's step turns against the honest direction
+        assert float(fedavg @ direction.double()) < 0
+
+
+def test_with_two_merchants_the_default_is_fedavg_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    updates = [_u("a", [1.0, 0.0], 0.0, 10), _u("b", [0.0, 2.0], 0.0, 30)]
+    screening = screen_updates(updates, G, RobustPolicy())
+    delta = aggregate_delta(screening, G, RobustPolicy())
+    assert torch.allclose(delta["w"], torch.tensor([10 / 40, 60 / 40], dtype=torch.float64))
+    assert "one merchant can steer" in caplog.text
+
+
+def test_the_default_trim_drops_at_least_one_from_three_on() -> None:
+    from server.robust import robust_trim_count
+
+    assert [robust_trim_count(n, 0.25) for n in (1, 2, 3, 4, 5, 8, 15)] == [0, 0, 1, 1, 1, 2, 3]
+    three = [torch.tensor([1.0]), torch.tensor([5.0]), torch.tensor([-100.0])]
+    assert trimmed_mean(three, 0.25, at_least_one=True).item() == 1.0  # the median of three
