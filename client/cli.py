@@ -43,6 +43,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             f"`fedbehavior merchant start {merchant.folder} --insecure` (development only), or set it to "
             "false and give root-certificates and private-key"
         )
+    spent = budget_warning(merchant.settings)
+    if spent:
+        print(spent, file=sys.stderr, flush=True)
     if args.foreground:
         if merchant.settings.daemon.insecure:
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
@@ -54,6 +57,31 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"{merchant.settings.daemon.superlink}; log: {merchant.supernode.log_file}"
     )
     return 0
+
+
+def budget_warning(settings: Any) -> str:
+    """A warning when the merchant's lifetime budget cannot pay for one more evaluation (so no run can
+    use its data), else ''. Reads the ledger only."""
+    from client.budget import release_charge
+    from shared.privacy import Ledger
+
+    if not settings.ledger_path.exists():
+        return ""
+    ledger = Ledger.open(
+        settings.ledger_path,
+        merchant_id=settings.merchant_id,
+        delta=settings.delta,
+        max_epsilon=settings.max_epsilon,
+        accountant=settings.accountant,
+    )
+    cheapest = release_charge("next", 0, settings.eval_noise_multiplier, releases=1)
+    if ledger.epsilon_after(cheapest) <= ledger.max_epsilon:
+        return ""
+    return (
+        f"warning: merchant {settings.merchant_id} has spent its privacy budget (ε {ledger.epsilon:.3f} of "
+        f"max-epsilon {ledger.max_epsilon:g}): it will refuse every run, since not even one evaluation "
+        "fits. Raising max-epsilon weakens the promise made to your customers; decide it deliberately."
+    )
 
 
 def _ask(question: str) -> str:

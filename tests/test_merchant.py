@@ -221,3 +221,16 @@ def test_the_budget_command_lists_the_run_book(
     runs = out.split("run record")[1]  # the run book, after the ledger's charges
     row = next(line for line in runs.splitlines() if line.startswith("0001-spring"))
     assert row.split()[-3:] == ["1", "0", str(SIZE)]  # one round trained, no evaluation, the declared size
+
+
+def test_merchant_start_warns_when_no_run_can_use_the_data(shop: Path) -> None:
+    from client.cli import budget_warning
+    from shared.privacy import Ledger
+
+    settings = settings_of(shop, max_epsilon=0.5)
+    assert budget_warning(settings) == ""  # nothing spent yet
+    ledger = Ledger.open(settings.ledger_path, merchant_id=settings.merchant_id, delta=1e-6, max_epsilon=0.5)
+    ledger.charge(Charge(1, "a", 30.0, 1.0, 1, 1.0))  # ε 0.12: one σ-20 evaluation still fits (0.23)
+    assert budget_warning(settings) == ""
+    ledger.charge(Charge(2, "a", 9.0, 1.0, 1, 1.0))  # ε 0.465: one more evaluation would reach 0.51
+    assert "spent its privacy budget" in budget_warning(settings)
