@@ -84,6 +84,17 @@ def stub(port: int) -> scorer_pb2_grpc.ScorerStub:
     return scorer_pb2_grpc.ScorerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
 
+TOKEN = "test-secret-0123456789abcdef"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def token_file(folder: Path) -> Path:
+    """A --token-file holding TOKEN (callers send AUTH)."""
+    path = folder / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
 def test_score_equals_predict(server: ScoringServer, runs: tuple[Path, Path], tmp_path: Path) -> None:
     response = stub(server.port).Score(request_of(EVENTS), timeout=10)
     expected = predicted(runs[0] / "final", EVENTS, tmp_path)
@@ -214,7 +225,7 @@ def test_hot_reload_under_load_loses_no_request(runs: tuple[Path, Path], tmp_pat
     shutil.copytree(runs[0] / "final", model)
     old, new = (as_dict_of(predicted(r / "final", EVENTS, tmp_path)) for r in runs)
     assert old != new
-    running = start_server(model, ServeOptions(port=0, window_ms=2.0))
+    running = start_server(model, ServeOptions(port=0, window_ms=2.0, token_file=token_file(tmp_path)))
     results: list[tuple[float, Any]] = []  # (time sent, response or error)
     stop = threading.Event()
 
@@ -223,7 +234,7 @@ def test_hot_reload_under_load_loses_no_request(runs: tuple[Path, Path], tmp_pat
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                results.append((sent, as_dict(scorer.Score(request_of(EVENTS), timeout=30))))
+                results.append((sent, as_dict(scorer.Score(request_of(EVENTS), timeout=30, metadata=AUTH))))
             except grpc.RpcError as err:
                 results.append((sent, err))
 
@@ -235,7 +246,7 @@ def test_hot_reload_under_load_loses_no_request(runs: tuple[Path, Path], tmp_pat
             time.sleep(0.01)
         shutil.rmtree(model)  # a training run writes the new model into the served folder
         shutil.copytree(runs[1] / "final", model)
-        reply = stub(running.port).Reload(scorer_pb2.ReloadRequest(), timeout=60)
+        reply = stub(running.port).Reload(scorer_pb2.ReloadRequest(), timeout=60, metadata=AUTH)
         swapped, count = time.monotonic(), len(results)
         while len(results) < count + 20:
             time.sleep(0.01)
@@ -376,16 +387,17 @@ def test_port_in_use_is_a_clear_error(server: ScoringServer, runs: tuple[Path, P
 def test_failed_reload_keeps_the_old_model(runs: tuple[Path, Path], tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(runs[0] / "final", model)
-    running = start_server(model, ServeOptions(port=0))
+    running = start_server(model, ServeOptions(port=0, token_file=token_file(tmp_path)))
     try:
         scorer = stub(running.port)
-        before = as_dict(scorer.Score(request_of(EVENTS), timeout=10))
+        before = as_dict(scorer.Score(request_of(EVENTS), timeout=10, metadata=AUTH))
         (model / "adapter_config.json").write_text("{not json")  # a half-written folder
         with pytest.raises(grpc.RpcError) as err:
-            scorer.Reload(scorer_pb2.ReloadRequest(), timeout=30)
+            scorer.Reload(scorer_pb2.ReloadRequest(), timeout=30, metadata=AUTH)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert err.value.details().startswith("reload failed, the old model is kept")
+        assert "json" not in err.value.details().lower()  # the cause goes to the log, not the caller
         assert running.slot.current.generation == 1
-        assert close(as_dict(scorer.Score(request_of(EVENTS), timeout=10)), before)
+        assert close(as_dict(scorer.Score(request_of(EVENTS), timeout=10, metadata=AUTH)), before)
     finally:
         running.stop(1.0)

@@ -1,23 +1,29 @@
-"""Server-side dynamic batching: requests that arrive within a few milliseconds share one forward pass.
+"""Server-side dynamic batching: requests share forward passes of at most `max_batch` sessions.
 
-One worker thread owns the model. It takes the first waiting request, then keeps collecting until the
-batch holds `max_batch` inputs or `window_s` has passed since that first request, drops what has
-expired (its caller already got DEADLINE_EXCEEDED), and scores the rest with `client.predict.score`,
-the same function `fedbehavior predict` uses. Texts are padded to the longest in the batch and pooling
-is masked, so a session's probabilities do not depend on what it was batched with.
+One worker thread owns the model. A request's sessions (or customers) are cut into chunks: a forward
+pass never holds more than `max_batch` inputs, whatever one request carries. Each pass is filled
+fairly: requests that have had no pass yet come first, in arrival order, then the chunks of those
+already started, least served first (round robin), so a large request's chunks never starve a small
+request queued after it: the small one waits at most for the pass in progress. When the queue holds
+less than a full pass, the oldest request waits at most `window_s` for company. Requests whose caller
+gave up (deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is
+`client.predict.score`, the function `fedbehavior predict` uses: texts are padded to the longest in
+the pass and pooling is masked, so a session's probabilities do not depend on what it was batched
+with, nor on how its request was cut.
 
-The model is read once per batch from a `ModelSlot`; a reload replaces the slot's value only after
-the new model is fully loaded, so a batch in progress finishes on the model it started with and the
-next batch uses the new one: no request is dropped or scored by a half-loaded model.
+A request is scored by the model in service when it was queued (read from a `ModelSlot`); a reload
+replaces the slot's value only after the new model is fully loaded, so a request in progress finishes
+on the model it started with and requests queued afterwards use the new one: no request is dropped,
+scored by a half-loaded model, or by two models.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,17 +65,35 @@ class ModelSlot:
             return self._loaded
 
 
+Result = tuple[Loaded, list[dict[str, Any]]]
+
+
 @dataclass
 class Pending:
-    """One request waiting for the worker: its events, deadline (monotonic) and the result to set."""
+    """One request in the worker's hands: what to score, by which model, until when (monotonic)."""
 
-    events: list[Event]
+    loaded: Loaded
+    inputs: list[Input]
     deadline: float | None
-    result: Future[tuple[Loaded, list[dict[str, Any]]]] = field(default_factory=Future)
-    size: int = 0  # sessions (or customers): what a batch is counted in
+    arrived: float = field(default_factory=time.monotonic)
+    result: Future[Result] = field(default_factory=Future)
+    done: int = 0  # inputs scored so far (the request's next chunk starts there)
+    taken: int = 0  # inputs handed to a forward pass so far
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    abandoned: bool = False  # its caller went away after the first chunk
 
-    def __post_init__(self) -> None:
-        self.size = len({(e.customer_id, e.session_id) for e in self.events})
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def left(self) -> int:
+        return len(self.inputs) - self.taken
+
+    def cancel(self) -> None:
+        """The caller gives up: not scored if still queued, no further chunk if started."""
+        self.abandoned = True
+        self.result.cancel()
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -88,7 +112,7 @@ class Overloaded(RuntimeError):
 
 
 class Batcher:
-    """The scoring worker: `submit` queues a request, the worker thread scores batches of them."""
+    """The scoring worker: `submit` queues a request, the worker thread scores chunks of them."""
 
     def __init__(
         self,
@@ -98,101 +122,167 @@ class Batcher:
         window_s: float = 0.004,
         max_queue: int = 1024,
         precision: str = "fp32",
+        overload_sessions: int = 0,
+        on_overload: Callable[[bool], None] | None = None,
     ) -> None:
-        if max_batch < 1 or window_s < 0 or max_queue < 1:
+        if max_batch < 1 or window_s < 0 or max_queue < 1 or overload_sessions < 0:
             raise ValueError(
                 f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1, "
-                f"window_s ({window_s}) >= 0"
+                f"window_s ({window_s}) and overload_sessions ({overload_sessions}) >= 0"
             )
         if precision not in PRECISIONS:
             raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.slot, self.max_batch, self.window_s, self.precision = slot, max_batch, window_s, precision
-        self._queue: queue.Queue[Pending | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        # queued sessions past which the server says it is overloaded (0: never), below half: not
+        self.overload_sessions, self._on_overload = overload_sessions, on_overload
+        self.overloaded = False
+        self._pending: list[Pending] = []  # in arrival order; the worker picks fairly among them
+        self._queued_inputs = 0  # inputs not yet handed to a forward pass
+        self._cond = threading.Condition()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="fedbehavior-scorer", daemon=True)
-        self._count_lock = threading.Lock()
-        self.submitted = 0  # counters for logs and tests (the others are written by the worker only)
-        self.batches = 0
-        self.scored = 0
-        self.expired = 0
+        self.submitted = 0  # counters for logs and tests
+        self.batches = 0  # forward passes
+        self.scored = 0  # requests answered in full
+        self.expired = 0  # requests dropped: deadline passed or caller gone
         self._thread.start()
 
-    def submit(
-        self, events: list[Event], deadline: float | None
-    ) -> Future[tuple[Loaded, list[dict[str, Any]]]]:
-        """Queue one request's events; the future gives (model used, rows as `score` returns them)."""
-        pending = Pending(events, deadline)
-        try:
-            self._queue.put_nowait(pending)
-        except queue.Full:
-            raise Overloaded(f"{self._queue.maxsize} requests already queued; retry later") from None
-        with self._count_lock:
+    @property
+    def queued_sessions(self) -> int:
+        return self._queued_inputs
+
+    def submit(self, events: list[Event], deadline: float | None) -> Pending:
+        """Queue one request's events; `.result` gives (model used, rows as `score` returns them)."""
+        loaded = self.slot.current  # the model that scores every chunk of this request
+        inputs = inputs_of(loaded.trained.task, events)[0]
+        pending = Pending(loaded, inputs, deadline)
+        if not inputs:  # nothing to score (a customer task with no candidate): answered at once
+            pending.result.set_running_or_notify_cancel()
+            pending.result.set_result((loaded, []))
+            return pending
+        with self._cond:
+            if self._closing:
+                raise Overloaded("the server is shutting down; retry on another instance")
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded(
+                    f"{len(self._pending)} requests already queued (the server's --max-queue); retry later"
+                )
+            self._pending.append(pending)
+            self._queued_inputs += pending.size
             self.submitted += 1
-        return pending.result
+            self._check_load()
+            self._cond.notify()
+        return pending
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker."""
-        self._queue.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
         self._thread.join()
 
-    def _collect(self, first: Pending) -> tuple[list[Pending], bool]:
-        """`first` and what arrives within the window, up to max_batch inputs; True if told to stop."""
-        batch, size = [first], first.size
-        until = time.monotonic() + self.window_s
-        while size < self.max_batch:
-            left = until - time.monotonic()
-            try:
-                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-            except queue.Empty:
+    def _check_load(self) -> None:
+        """Flip `overloaded` past the bound, and back below half of it (called with the lock held)."""
+        if not self.overload_sessions:
+            return
+        if not self.overloaded and self._queued_inputs > self.overload_sessions:
+            self.overloaded = True
+        elif self.overloaded and self._queued_inputs <= self.overload_sessions // 2:
+            self.overloaded = False
+        else:
+            return
+        log.warning(
+            "%s: %d sessions queued (bound %d, --overload-sessions)",
+            "overloaded" if self.overloaded else "no longer overloaded", self._queued_inputs,
+            self.overload_sessions,
+        )  # fmt: skip
+        if self._on_overload is not None:
+            self._on_overload(self.overloaded)
+
+    def _drop(self, p: Pending, error: BaseException | None) -> None:
+        """Take `p` out of the queue without scoring the rest of it (lock held)."""
+        self._pending.remove(p)
+        self._queued_inputs -= p.left
+        self.expired += 1
+        if not p.result.done():  # started, then abandoned: its waiter (if any) must not hang
+            p.result.set_exception(error or CancelledError("the caller went away"))
+
+    def _take(self) -> list[tuple[Pending, int, int]]:
+        """The next forward pass: (request, start, stop) chunks, at most max_batch inputs (lock held).
+
+        New requests first (arrival order), then started ones, least served first; one model."""
+        now = time.monotonic()
+        order = sorted(self._pending, key=lambda p: (p.taken > 0, p.taken))  # stable: arrival order
+        chunks: list[tuple[Pending, int, int]] = []
+        room, loaded = self.max_batch, None
+        for p in order:
+            if room == 0:
                 break
-            if item is None:
-                return batch, True
-            batch.append(item)
-            size += item.size
-        return batch, False
+            if p.abandoned or p.result.cancelled():
+                self._drop(p, None)  # its caller already has its answer (DEADLINE_EXCEEDED, CANCELLED)
+                continue
+            if p.deadline is not None and p.deadline <= now:
+                self._drop(p, TimeoutError("the deadline passed while the request was queued"))
+                continue
+            if loaded is not None and p.loaded is not loaded:
+                continue  # queued before a reload: a pass of its own model, next
+            if p.taken == 0 and not p.result.set_running_or_notify_cancel():
+                self._drop(p, None)
+                continue
+            loaded = p.loaded
+            n = min(room, p.left)
+            chunks.append((p, p.taken, p.taken + n))
+            p.taken += n
+            room -= n
+            self._queued_inputs -= n
+            if p.left == 0:
+                self._pending.remove(p)
+        self._check_load()
+        return chunks
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch, stop = self._collect(first)
-            self._score(batch)
-        while True:  # anything queued behind the stop marker is still answered
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._score([item])
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return  # closing, and everything queued was answered
+                head = min(self._pending, key=lambda p: p.arrived)
+                if head.taken == 0:  # the oldest request waits a little for company
+                    until = head.arrived + self.window_s
+                    while self._queued_inputs < self.max_batch and not self._closing:
+                        left = until - time.monotonic()
+                        if left <= 0 or head.result.cancelled():
+                            break
+                        self._cond.wait(left)
+                chunks = self._take()
+            if chunks:
+                self._score(chunks)
 
-    def _score(self, batch: list[Pending]) -> None:
-        now = time.monotonic()
-        live = []
-        for p in batch:
-            if not p.result.set_running_or_notify_cancel():  # its caller gave up (deadline)
-                self.expired += 1
-            elif p.deadline is not None and p.deadline <= now:
-                self.expired += 1
-                p.result.set_exception(TimeoutError("the deadline passed while the request was queued"))
-            else:
-                live.append(p)
-        if not live:
-            return
-        loaded = self.slot.current  # read once: the whole batch is scored by one model
+    def _score(self, chunks: list[tuple[Pending, int, int]]) -> None:
+        loaded = chunks[0][0].loaded  # one model for the whole pass (see _take)
+        flat = [i for p, start, stop in chunks for i in p.inputs[start:stop]]
         try:
-            groups: list[list[Input]] = [inputs_of(loaded.trained.task, p.events)[0] for p in live]
-            flat = [i for g in groups for i in g]
             with autocast(loaded.trained, self.precision):
-                rows = score(loaded.trained, flat, batch_size=max(1, len(flat)))
-        except Exception as err:  # a failure answers every request of the batch, never hangs them
-            log.exception("scoring a batch of %d requests failed", len(live))
-            for p in live:
-                p.result.set_exception(err)
+                rows = score(loaded.trained, flat, batch_size=len(flat))
+        except Exception as err:  # a failure answers every request of the pass, never hangs them
+            log.exception("scoring a pass of %d sessions (%d requests) failed", len(flat), len(chunks))
+            with self._cond:
+                for p, _, _ in chunks:
+                    if p in self._pending:
+                        self._pending.remove(p)
+                        self._queued_inputs -= p.left
+                    if not p.result.done():
+                        p.result.set_exception(err)
+                self._check_load()
             return
         self.batches += 1
-        self.scored += len(live)
-        start = 0
-        for p, group in zip(live, groups, strict=True):
-            p.result.set_result((loaded, rows[start : start + len(group)]))
-            start += len(group)
+        at = 0
+        for p, start, stop in chunks:
+            p.rows.extend(rows[at : at + stop - start])
+            at += stop - start
+            p.done = stop
+            if p.done == p.size and not p.result.done():
+                self.scored += 1
+                p.result.set_result((loaded, p.rows))

@@ -11,6 +11,17 @@ so grpcurl needs no .proto. Hot reload after a training run rewrote the folder: 
 Reload RPC; the new model is loaded in full, then swapped in, requests in flight are not dropped.
 SIGTERM / Ctrl-C: stop accepting, finish in flight (--grace seconds), exit. Listens on 127.0.0.1
 unless --host says otherwise; --tls-cert/--tls-key serve TLS.
+
+Authentication: --token-file PATH holds a secret (at least 16 characters); every Scorer call then
+carries the metadata `authorization: Bearer <secret>` (grpcurl -H 'authorization: Bearer ...').
+Off loopback the server does not start without --token-file or mutual TLS (--tls-client-ca). The
+Reload RPC always needs the token; without a token file, reload with SIGHUP.
+
+Limits (each refusal is RESOURCE_EXHAUSTED and names its flag): --max-sessions and --max-events per
+request, --max-request-bytes per message, --max-streams-per-caller and --max-streams open streams,
+--stream-idle-s before an idle stream is closed, --max-queue queued requests. A request is scored in
+chunks of --max-batch sessions, shared fairly with the other callers' requests. Health says
+NOT_SERVING for fedbehavior.v1.Scorer while more than --overload-sessions sessions are queued.
 """
 
 from __future__ import annotations
@@ -36,8 +47,8 @@ def options_of(args: argparse.Namespace) -> Any:
     overrides = parse_sets(args.set)
     if args.task:
         overrides["task"] = args.task
-    if args.max_batch < 1 or args.window_ms < 0 or args.workers < 1:
-        raise ValueError("--max-batch and --workers must be >= 1 and --window-ms >= 0")
+    if args.max_batch < 1 or args.window_ms < 0 or args.workers < 1 or args.max_queue < 1:
+        raise ValueError("--max-batch, --max-queue and --workers must be >= 1 and --window-ms >= 0")
     return ServeOptions(
         host=args.host,
         port=args.port,
@@ -52,6 +63,15 @@ def options_of(args: argparse.Namespace) -> Any:
         overrides=overrides,
         device=args.device,
         precision=args.precision,
+        max_sessions=args.max_sessions,
+        max_events=args.max_events,
+        max_request_bytes=args.max_request_bytes,
+        max_streams_per_caller=args.max_streams_per_caller,
+        max_streams=args.max_streams,
+        stream_idle_s=args.stream_idle_s,
+        overload_sessions=args.overload_sessions,
+        token_file=Path(args.token_file) if args.token_file else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
 
 
@@ -104,18 +124,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `serve`."""
+    """The flags of `serve` (limits' defaults are ServeOptions' own; a test keeps them equal)."""
     parser.add_argument("--model", required=True, help="runs/<name>/final, the run folder, or an export")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--tls-cert", default="", help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", default="", help="PEM private key (with --tls-cert)")
+    parser.add_argument(
+        "--tls-client-ca", default="",
+        help="mutual TLS: PEM CA whose certificates callers must present (with --tls-cert/--tls-key)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token-file", default="",
+        help="file holding the secret callers send as 'authorization: Bearer <secret>'; required off "
+        "loopback unless --tls-client-ca, and by the Reload RPC",
+    )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32, help="sessions per forward pass")
     parser.add_argument("--window-ms", type=float, default=4.0, help="how long a batch waits to fill")
     parser.add_argument(
         "--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED"
     )
-    parser.add_argument("--workers", type=int, default=16, help="gRPC handler threads")
+    parser.add_argument("--workers", type=int, default=16, help="gRPC handler threads (default: %(default)s)")
+    parser.add_argument(
+        "--max-sessions", type=int, default=256,
+        help="sessions one request may carry (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-events", type=int, default=10_000,
+        help="events one request may carry (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=4 * 1024 * 1024,
+        help="bytes of one request message (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-streams-per-caller", type=int, default=2,
+        help="open ScoreStream calls per caller address (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-streams", type=int, default=8,
+        help="open ScoreStream calls in all, below --workers (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stream-idle-s", type=float, default=30.0,
+        help="seconds a stream may wait for a request before it is closed (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overload-sessions", type=int, default=1024,
+        help="queued sessions past which health says NOT_SERVING; 0: never (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--behavior-map", action="append", default=[], metavar="NAME=BEHAVIOR")

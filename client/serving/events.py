@@ -23,7 +23,10 @@ from client.ingest.schema import MAX_TIMESTAMP, MIN_TIMESTAMP
 from shared.schema import Behavior, Event
 
 MAX_EVENTS = 10_000
-"""Events one request may carry (a session is tens; this bounds one request's memory)."""
+"""Events one request may carry by default (a session is tens; this bounds one request's memory):
+`fedbehavior serve --max-events`."""
+MAX_SESSIONS = 256
+"""Sessions (distinct customer and session ids) one request may carry by default: `--max-sessions`."""
 _OPTIONAL_TEXT = ("event_name", "item_id", "title", "category", "query")
 
 
@@ -35,13 +38,24 @@ class RequestError(ValueError):
         self.field = field
 
 
+class LimitError(RequestError):
+    """A request past one of the server's limits (RESOURCE_EXHAUSTED): the message names the flag."""
+
+
 class EventReader:
     """Turns request events into `Event`s with the roles the merchant's ingest would give them."""
 
-    def __init__(self, behavior_map: Mapping[str, str] | None = None, *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        behavior_map: Mapping[str, str] | None = None,
+        *,
+        strict: bool = False,
+        max_events: int = MAX_EVENTS,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
         table = behavior_table(behavior_map, strict=strict)  # raises IngestError on a bad map
         self.roles: dict[str, str] = dict(zip(table.keys.to_pylist(), table.values.to_pylist(), strict=True))
-        self.strict = strict
+        self.strict, self.max_events, self.max_sessions = strict, max_events, max_sessions
 
     def role(self, name: str, field: str) -> Behavior:
         """The funnel role of a behaviour or event name (exact, then trimmed lower case)."""
@@ -95,8 +109,19 @@ class EventReader:
         """All events of a request, exact duplicates dropped; raises RequestError on the first bad one."""
         if not raw_events:
             raise RequestError("events", "is empty; send at least one event")
-        if len(raw_events) > MAX_EVENTS:
-            raise RequestError("events", f"{len(raw_events)} events, more than {MAX_EVENTS} in one request")
+        if len(raw_events) > self.max_events:
+            raise LimitError(
+                "events",
+                f"{len(raw_events)} events, more than the {self.max_events} one request may carry "
+                "(the server's --max-events); split the request",
+            )
+        sessions = len({(raw.customer_id, raw.session_id) for raw in raw_events})  # before parsing
+        if sessions > self.max_sessions:
+            raise LimitError(
+                "events",
+                f"{sessions} sessions, more than the {self.max_sessions} one request may carry "
+                "(the server's --max-sessions); split the request",
+            )
         seen: set[tuple[Any, ...]] = set()
         events: list[Event] = []
         for i, raw in enumerate(raw_events):
