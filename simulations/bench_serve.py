@@ -127,11 +127,14 @@ def batch_predict(
     return len(rows) / elapsed
 
 
-def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+def start_server(
+    model: Path, port: int, args: argparse.Namespace, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`fedbehavior serve` in its own process on loopback, once it reports SERVING; `extra`: more flags."""
     command = [
         sys.executable, "-m", "client.serving.cli", "--model", str(model), "--port", str(port),
         "--max-batch", str(args.max_batch), "--window-ms", str(args.window_ms),
-        "--threads", str(args.threads), "--precision", args.precision,
+        "--threads", str(args.threads), "--precision", args.precision, *extra,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -151,7 +154,9 @@ def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess
     raise RuntimeError("the server did not report SERVING within 300 s")
 
 
-def fixed_rate(stub: Any, requests: list[scorer_pb2.ScoreRequest], rate: float) -> dict[str, Any]:
+def fixed_rate(
+    stub: Any, requests: list[scorer_pb2.ScoreRequest], rate: float, timeout: float = 30
+) -> dict[str, Any]:
     """Open-loop load: request i leaves at start + i / rate. Latencies in ms, throughput per second."""
     latencies: list[float] = []
     failures: list[str] = []
@@ -173,7 +178,7 @@ def fixed_rate(stub: Any, requests: list[scorer_pb2.ScoreRequest], rate: float) 
         if wait > 0:
             time.sleep(wait)
         sent = time.perf_counter()
-        stub.Score.future(request, timeout=30).add_done_callback(finished(sent))
+        stub.Score.future(request, timeout=timeout).add_done_callback(finished(sent))
     for _ in requests:
         done.acquire()
     elapsed = time.perf_counter() - start
