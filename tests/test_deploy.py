@@ -302,6 +302,8 @@ def test_coordinator_killed_mid_run_resumes_and_spent_budget_is_refused(
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 1 was not run again
     for row in rows[1:]:
         assert row["merchants"]["shop-a"]["status"] == "refused-budget"
+        # the coordinator is told why, in a fixed public word: no σ fits the budget left, or no charge
+        assert row["merchants"]["shop-a"]["reason"] in ("calibration", "budget")
         assert row["merchants"]["shop-b"]["status"] == "trained"
     assert (launch.run_dir / "final").is_dir()
     assert len(d.coordinator.run_ids("resume")) == 2
