@@ -99,7 +99,7 @@ def fedavg(updates: Sequence[Update], weights: Sequence[float] | None = None) ->
 class RobustPolicy:
     """How the coordinator bounds what merchants send (run config keys in parentheses)."""
 
-    aggregation: str = "robust"  # (aggregation) robust | fedavg | trimmed-mean | median
+    aggregation: str = "fedavg"  # (aggregation) fedavg | robust | trimmed-mean | median
     trim_fraction: float = 0.25  # (trim-fraction) dropped at each end per coordinate by trimmed-mean
     update_norm_factor: float = 3.0  # (update-norm-factor) reject norms above this x the round's median
     max_update_norm: float = 100.0  # (max-update-norm) absolute ceiling, the only bound of a small round
@@ -194,10 +194,11 @@ def aggregate_delta(
     """The round's aggregated change to the global adapter (float64), by `policy.aggregation`.
 
     Trimmed mean and median are unweighted (a claimed count gives no extra say per coordinate), and
-    computed on deltas, which is the same as on adapters: both are translation-equivariant. The
-    default, "robust", is the trimmed mean with at least one value dropped at each end from three
-    updates on, so every coordinate of the step stays within the honest merchants' range whatever one
-    merchant sends; with one or two updates it is the weighted FedAvg and says it cannot promise that.
+    computed on deltas, which is the same as on adapters: both are translation-equivariant.
+    "robust" (for merchants that do not trust each other) is the trimmed mean with at least one value
+    dropped at each end from three updates on, so every coordinate of the step stays within the honest
+    merchants' range whatever one merchant sends; with one or two updates it is the weighted FedAvg
+    and says it cannot promise that.
     """
     if policy.aggregation == "robust" and len(screening.accepted) < MIN_UPDATES_FOR_MEDIAN:
         log.warning(

@@ -124,7 +124,7 @@ def test_screening_rejects_outliers_and_caps_weights() -> None:
     assert s.bound == pytest.approx(6.0) and s.round_median == pytest.approx(2.0)
     # accepted claims 10, 20, 30, 10⁹ → median 25 → 10⁹ weighs 75
     assert s.weights == [10.0, 20.0, 30.0, 75.0]
-    delta = aggregate_delta(s, G, RobustPolicy(aggregation="fedavg"))
+    delta = aggregate_delta(s, G, RobustPolicy())
     # by hand: (10·a + 20·b + 30·c + 75·huge) / 135
     assert torch.allclose(delta["w"], torch.tensor([10 / 135, (40 + 75) / 135], dtype=torch.float64))
     assert torch.allclose(delta["b"], torch.tensor([90 / 135], dtype=torch.float64))
@@ -320,7 +320,9 @@ def test_resume_continues_the_server_optimizer(tiny_bert: str, tmp_path: Path) -
     assert (tmp_path / "split" / "checkpoints" / "server-0004.safetensors").exists()
 
 
-# --- the default aggregate against one rogue merchant (issue 21) ---------------------------------------
+# --- the robust aggregate against one rogue merchant (issue 21) ----------------------------------------
+
+ROBUST = RobustPolicy(aggregation="robust")
 
 
 def _honest(n: int, seed: int) -> tuple[list[Update], torch.Tensor]:
@@ -348,16 +350,16 @@ def _rogues(honest: list[Update], direction: torch.Tensor) -> dict[str, Update]:
 
 
 @pytest.mark.parametrize("n_honest", [3, 7, 15])
-def test_the_default_aggregate_keeps_one_rogue_within_the_honest_range(n_honest: int) -> None:
-    """Every coordinate of the default step lies within the honest merchants' values, whatever the
+def test_the_robust_aggregate_keeps_one_rogue_within_the_honest_range(n_honest: int) -> None:
+    """Every coordinate of the robust step lies within the honest merchants' values, whatever the
     rogue sends; the step along the honest direction stays positive (FedAvg's turns negative)."""
     zero = {"w": torch.zeros(64)}
     honest, direction = _honest(n_honest, seed=n_honest)
     stacked = torch.stack([u.adapter["w"].double() for u in honest])
     low, high = stacked.min(0).values, stacked.max(0).values
     for name, rogue in _rogues(honest, direction).items():
-        screening = screen_updates([*honest, rogue], zero, RobustPolicy())
-        step = aggregate_delta(screening, zero, RobustPolicy())["w"]
+        screening = screen_updates([*honest, rogue], zero, ROBUST)
+        step = aggregate_delta(screening, zero, ROBUST)["w"]
         assert bool(((step >= low - 1e-12) & (step <= high + 1e-12)).all()), name
         assert float(step @ direction.double()) > 0, name
     flip = _rogues(honest, direction)["3x median, 10⁹ claim"]
@@ -367,15 +369,15 @@ def test_the_default_aggregate_keeps_one_rogue_within_the_honest_range(n_honest:
         assert float(fedavg @ direction.double()) < 0
 
 
-def test_with_two_merchants_the_default_is_fedavg_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_with_two_merchants_robust_is_fedavg_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     updates = [_u("a", [1.0, 0.0], 0.0, 10), _u("b", [0.0, 2.0], 0.0, 30)]
-    screening = screen_updates(updates, G, RobustPolicy())
-    delta = aggregate_delta(screening, G, RobustPolicy())
+    screening = screen_updates(updates, G, ROBUST)
+    delta = aggregate_delta(screening, G, ROBUST)
     assert torch.allclose(delta["w"], torch.tensor([10 / 40, 60 / 40], dtype=torch.float64))
     assert "one merchant can steer" in caplog.text
 
 
-def test_the_default_trim_drops_at_least_one_from_three_on() -> None:
+def test_the_robust_trim_drops_at_least_one_from_three_on() -> None:
     from server.robust import robust_trim_count
 
     assert [robust_trim_count(n, 0.25) for n in (1, 2, 3, 4, 5, 8, 15)] == [0, 0, 1, 1, 1, 2, 3]
