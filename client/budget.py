@@ -216,14 +216,7 @@ class Budget:
 
     @classmethod
     def open(cls, settings: MerchantSettings, privacy_unit: str) -> Budget:
-        ledger = Ledger.open(
-            settings.ledger_path,
-            merchant_id=settings.merchant_id,
-            delta=settings.delta,
-            max_epsilon=settings.max_epsilon,
-            accountant=settings.accountant,
-            privacy_unit=privacy_unit,
-        )
+        ledger = settings.open_ledger(privacy_unit)
         return cls(settings, ledger, RunBook(settings.state_dir / RUNS_FILE))
 
     @contextmanager

@@ -62,19 +62,13 @@ def cmd_start(args: argparse.Namespace) -> int:
 def budget_warning(settings: Any) -> str:
     """A warning when the merchant's lifetime budget cannot pay for one more evaluation (so no run can
     use its data), else ''. Reads the ledger only."""
-    from client.budget import release_charge
-    from shared.privacy import Ledger
+    from shared.privacy import Charge
 
     if not settings.ledger_path.exists():
         return ""
-    ledger = Ledger.open(
-        settings.ledger_path,
-        merchant_id=settings.merchant_id,
-        delta=settings.delta,
-        max_epsilon=settings.max_epsilon,
-        accountant=settings.accountant,
-    )
-    cheapest = release_charge("next", 0, settings.eval_noise_multiplier, releases=1)
+    ledger = settings.open_ledger()
+    # the cheapest release a run makes: one evaluation, a Gaussian mechanism at σ with sensitivity 1
+    cheapest = Charge(0, "next", settings.eval_noise_multiplier, 1.0, 1, 1.0)
     if ledger.epsilon_after(cheapest) <= ledger.max_epsilon:
         return ""
     return (

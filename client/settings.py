@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import FileSettings
+
+if TYPE_CHECKING:
+    from shared.privacy import Ledger
 from shared.tasks import TASK_NAMES
 
 SETTINGS_FILE = "merchant.json"
@@ -136,6 +139,19 @@ class MerchantSettings(FileSettings):
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "privacy-ledger.json"
+
+    def open_ledger(self, privacy_unit: str = "customer") -> Ledger:
+        """The merchant's ledger with its own budget settings (never the coordinator's)."""
+        from shared.privacy import Ledger  # the accountants import opacus: only when a ledger is opened
+
+        return Ledger.open(
+            self.ledger_path,
+            merchant_id=self.merchant_id,
+            delta=self.delta,
+            max_epsilon=self.max_epsilon,
+            accountant=self.accountant,
+            privacy_unit=privacy_unit,
+        )
 
     @classmethod
     def from_merchant_dir(cls, folder: Path, **overrides: Any) -> MerchantSettings:
