@@ -232,4 +232,4 @@ def test_the_messages_reached_the_data() -> None:
     trained = sum(n for (kind, status, _), n in SEEN.items() if status == "trained")
     total = sum(SEEN.values())
     print(f"{total} messages: {released} releases ({trained} trained); {dict(SEEN)}")
-    assert released >= 0.3 * total and trained >= 0.1 * total
+    assert released >= 0.25 * total and trained >= 0.05 * total  # make test: 73 and 21 of 172
