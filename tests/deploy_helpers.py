@@ -59,6 +59,7 @@ class Deployment:
         max_wait_s: float | None = None,
         insecure: bool = False,
         trust: bool = True,
+        backbones: tuple[str, ...] = (),
     ) -> Merchant:
         folder = self.root / name
         generate_merchant(7, index, folder, base_customers=self.customers)
@@ -72,6 +73,11 @@ class Deployment:
             runtime_port=free_port(),
             insecure=insecure,
         )
+        if backbones:  # the merchant approves these backbones besides the packaged one ([policy])
+            toml = folder / "merchant.toml"
+            listed = ", ".join(json.dumps(b) for b in ("", *backbones))
+            text = toml.read_text(encoding="utf-8").replace('backbones = [""]', f"backbones = [{listed}]", 1)
+            toml.write_text(text, encoding="utf-8")
         if max_wait_s is not None:
             with (folder / "merchant.toml").open("a", encoding="utf-8") as handle:
                 handle.write(f"max-wait-s = {max_wait_s}\n")  # appended to the [daemon] table

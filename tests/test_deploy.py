@@ -51,11 +51,13 @@ def run_config(tiny_bert: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str) -> Iterator[Deployment]:
     d = Deployment(tmp_path_factory.mktemp("deploy"))
     d.start_coordinator()
     for index, name in enumerate(SHOPS):
-        d.add_merchant(name, index)
+        d.add_merchant(
+            name, index, backbones=(tiny_bert,)
+        )  # each merchant's policy lists the test's backbone
     try:
         yield d
     finally:
@@ -68,11 +70,19 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
+TRAIN_CLIP = RunConfig().max_grad_norm
+"""The run's clip, which a training charge records; a release (an evaluation, the size estimate) records
+its sensitivity, 1. The sample rate cannot tell them apart: a merchant whose public size is at most the
+batch size trains at q = 1."""
+assert TRAIN_CLIP != 1.0
+
+
 def training_charges(ledger: dict[str, Any], run: str) -> list[dict[str, Any]]:
-    """The ledger's training charges of `run`: evaluation releases are charged at sample rate 1,
-    this test's training rounds sample a quarter of the customers."""
-    # the ledger names the merchant's own run record, "<number>-<run key>"
-    return [h for h in ledger["history"] if h["run_id"].endswith(f"-{run}") and h["sample_rate"] < 1.0]
+    """The ledger's training charges of `run` (the ledger names the merchant's own run record,
+    "<number>-<run key>")."""
+    return [
+        h for h in ledger["history"] if h["run_id"].endswith(f"-{run}") and h["max_grad_norm"] == TRAIN_CLIP
+    ]
 
 
 def epsilons(ledger: dict[str, Any]) -> list[float]:
@@ -194,9 +204,12 @@ def test_two_rounds_over_tls_with_authentication(e2e: tuple[Any, str], deploymen
         # the merchant's own run record for the coordinator's run "e2e"
         charges = [h for h in deployment.ledger(name)["history"] if h["run_id"].endswith("-e2e")]
         # training rounds 1, 2; the evaluations of rounds 0, 1, 2 and the run's size estimate at its
-        # first training round (Gaussian mechanisms: sample rate 1)
-        assert [c["round"] for c in charges if c["sample_rate"] < 1.0] == [1, 2]
-        assert [c["round"] for c in charges if c["sample_rate"] == 1.0] == [0, 1, 1, 2]
+        # first training round (Gaussian mechanisms of sensitivity 1, sample rate 1)
+        assert [c["round"] for c in charges if c["max_grad_norm"] == TRAIN_CLIP] == [1, 2]
+        releases = [c for c in charges if c["max_grad_norm"] == 1.0]
+        assert [c["round"] for c in releases] == [0, 1, 1, 2] and {c["sample_rate"] for c in releases} == {
+            1.0
+        }
     summary = run_summary(launch.run_dir)
     assert summary["round"] == 2 and summary["final"]
     assert set(summary["merchants"]) == set(SHOPS)
