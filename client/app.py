@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -57,7 +58,7 @@ def _reason(status: Status, code: str) -> Reason:
     return reason if reason is not Reason.NONE else _DEFAULT_REASON.get(status, Reason.NONE)
 
 
-def _reply(msg: Message, reply: Reply) -> Message:
+def _message(msg: Message, reply: Reply) -> Message:
     return Message(content=protocol.encode_reply(reply), reply_to=msg)
 
 
@@ -73,61 +74,54 @@ def _answer(msg: Message, context: Context, handler: Handler, kind: str) -> Mess
         cfg = RunConfig.parse(request.config)
     except ValueError as err:  # BadRequestError or an invalid run config
         log.error("refusing a malformed %s request: %s", kind, err)
-        return _reply(msg, Reply(kind, Status.FAILED, reason=Reason.BAD_REQUEST))
+        return _message(msg, Reply(kind, Status.FAILED, reason=Reason.BAD_REQUEST))
     try:
         settings = _settings(context, cfg)
     except Exception:
         log.exception("%s request: merchant settings could not be loaded", kind)
-        return _reply(msg, Reply(kind, Status.FAILED, reason=Reason.ERROR))
+        return _message(msg, Reply(kind, Status.FAILED, reason=Reason.ERROR))
     try:
         reply = handler(cfg, request, settings)
     except Exception:
         log.exception("%s %s request failed (round %d)", settings.merchant_id, kind, request.server_round)
         reply = Reply(kind, Status.FAILED, settings.merchant_id, Reason.ERROR)
-    return _reply(msg, reply)
+    return _message(msg, reply)
+
+
+def _reply(kind: str, outcome: merchant.RoundOutcome | merchant.EvalOutcome, **values: Any) -> Reply:
+    """The reply of an outcome: its status, fixed reason and ε; `values` what its kind releases."""
+    status = Status(outcome.status)
+    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta, **values.pop("metrics", {})}
+    return Reply(kind, status, outcome.merchant_id, _reason(status, outcome.code), metrics=metrics, **values)
 
 
 def _train(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
     outcome = merchant.train_round(
         settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
     )
-    status = Status(outcome.status)
-    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta}
-    if status is Status.TRAINED:  # the run's public size and the charge's public parameters
-        metrics |= {"examples": float(outcome.examples), **outcome.metrics}
-    return Reply(
-        protocol.TRAIN,
-        status,
-        outcome.merchant_id,
-        _reason(status, outcome.code),
-        metrics=metrics,
-        adapter=outcome.adapter,  # already through the outgoing guard
-        privacy=outcome.privacy,  # the ledger's accountant and privacy unit: words from a fixed set
+    # the run's public size and the charge's public parameters, when it trained
+    trained = (
+        {"examples": float(outcome.examples), **outcome.metrics}
+        if outcome.status == Status.TRAINED.value
+        else {}
     )
+    # the adapter went through the outgoing guard; the privacy record holds words from a fixed set
+    return _reply(protocol.TRAIN, outcome, metrics=trained, adapter=outcome.adapter, privacy=outcome.privacy)
 
 
 def _evaluate(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
     outcome = merchant.evaluate_round(
         settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
     )
-    status = Status(outcome.status)
-    # Only noisy histograms (charged to the ledger) and their noisy count; exact metrics stay local.
-    metrics = {"epsilon": outcome.epsilon, "delta": outcome.delta}
-    if outcome.histograms:
-        # the σ of the Gaussian mechanism (a public setting): the coordinator reports how far it moves
-        # each pooled metric
-        metrics |= {
-            "examples": float(outcome.examples),
-            "eval_noise_multiplier": settings.eval_noise_multiplier,
-        }
-    return Reply(
-        protocol.EVALUATE,
-        status,
-        outcome.merchant_id,
-        _reason(status, outcome.code),
-        metrics=metrics,
-        histograms={name: h.to_values() for name, h in outcome.histograms.items()},
+    # Only noisy histograms (charged) and their noisy count, with the mechanism's σ (a public setting:
+    # the coordinator reports how far it moves each pooled metric); exact metrics stay local.
+    released = (
+        {"examples": float(outcome.examples), "eval_noise_multiplier": settings.eval_noise_multiplier}
+        if outcome.histograms
+        else {}
     )
+    histograms = {name: h.to_values() for name, h in outcome.histograms.items()}
+    return _reply(protocol.EVALUATE, outcome, metrics=released, histograms=histograms)
 
 
 @app.train()

@@ -155,7 +155,7 @@ def privacy_unit(settings: MerchantSettings) -> str:
 
 def open_ledger(settings: MerchantSettings) -> Ledger:
     """The merchant's ledger, with its own accountant and the privacy unit of its data."""
-    return Budget.open(settings, privacy_unit(settings)).ledger
+    return settings.open_ledger(privacy_unit(settings))
 
 
 def _admit(
