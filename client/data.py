@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from client.train import Encoded
 from shared.fileio import atomic_write_bytes
-from shared.schema import Event
+from shared.schema import Event, RowReason, row_reason
 from shared.tasks import (
     Candidate,
     TaskSpec,
@@ -45,12 +45,13 @@ class LoadReport:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def _reason(err: Exception) -> str:
+def _reason(err: Exception) -> tuple[RowReason, str]:
+    """The shared quarantine reason (`shared.schema.RowReason`, as the ingest gives it) and a detail."""
     if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "row"
-        return f"{where}: {first.get('msg', 'invalid')}"
-    return f"{type(err).__name__}: {err}"
+        return row_reason(err)
+    if isinstance(err, UnicodeDecodeError):
+        return RowReason.BAD_ENCODING, f"is not valid UTF-8 ({err.reason} at byte {err.start})"
+    return RowReason.UNPARSEABLE, f"{type(err).__name__}: {err}"
 
 
 STORE_DIR = "store"
@@ -64,10 +65,10 @@ class _Quarantine:
         self.rows: list[str] = []
 
     def add(self, err: Exception, where: dict[str, object]) -> None:
-        reason = _reason(err)
-        key = reason.split(":")[0]
-        self.report.reasons[key] = self.report.reasons.get(key, 0) + 1
-        self.rows.append(json.dumps({**where, "reason": reason}, ensure_ascii=False))
+        reason, detail = _reason(err)
+        self.report.reasons[reason.value] = self.report.reasons.get(reason.value, 0) + 1
+        record = {**where, "reason": reason.value, "detail": detail}
+        self.rows.append(json.dumps(record, ensure_ascii=False, default=str))
 
     def finish(self, good: int, quarantine_dir: Path) -> LoadReport:
         self.report.good, self.report.quarantined = good, len(self.rows)
@@ -105,7 +106,10 @@ def load_events(data_dir: Path, quarantine_dir: Path) -> tuple[list[Event], Load
                 continue
             quarantine.report.total += 1
             try:
-                events.append(Event.model_validate(json.loads(raw.decode("utf-8"))))
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise TypeError(f"a line must be one JSON object, got {type(row).__name__}")
+                events.append(Event.model_validate(row))
             except (ValidationError, ValueError, TypeError) as err:  # JSON and UTF-8 errors are ValueErrors
                 quarantine.add(err, {"line": line_no, "row": line.rstrip("\n")})
     return events, quarantine.finish(len(events), quarantine_dir)

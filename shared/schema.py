@@ -5,7 +5,41 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# Plausible event times: anything outside is a corrupt or mis-scaled value (e.g. milliseconds read as
+# seconds lands in the year 49000), not an e-commerce event. Fixed, not "now", so validation is
+# reproducible.
+MIN_TIMESTAMP = datetime(1995, 1, 1, tzinfo=timezone.utc)
+MAX_TIMESTAMP = datetime(2100, 1, 1, tzinfo=timezone.utc)
+
+
+class RowReason(str, enum.Enum):
+    """Why a row of the merchant's data was quarantined: one list for every reader (`merchant ingest`,
+    `validate-data`, training, `predict`), in order of precedence: a row gets the first that applies.
+    The ingest checks a whole column at a time (`client.ingest.validate`), the other readers one
+    `Event` at a time (`row_reason`); a test feeds both the same rows."""
+
+    UNPARSEABLE = "unparseable"
+    EMPTY_ROW = "empty_row"
+    BAD_ENCODING = "bad_encoding"
+    MISSING_CUSTOMER_ID = "missing_customer_id"
+    MISSING_SESSION_ID = "missing_session_id"
+    BAD_TIMESTAMP = "bad_timestamp"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    UNKNOWN_BEHAVIOR = "unknown_behavior"  # empty, or (strict mode, fixed formats) not in the role map
+    BAD_PRICE = "bad_price"
+    NEGATIVE_PRICE = "negative_price"
+    BAD_RATING = "bad_rating"  # not a whole number from 1 to 5
+    EMPTY_REVIEW = "empty_review"  # a review event with neither rating nor text
+    BAD_VALUE = "bad_value"  # any other field of the wrong type, or a field the schema does not know
+    DUPLICATE = "duplicate"
+
+    @property
+    def code(self) -> int:
+        """1-based precedence (0 means "good" in the validation arrays)."""
+        return list(RowReason).index(self) + 1
 
 
 class Behavior(str, enum.Enum):
@@ -65,7 +99,7 @@ class Event(BaseModel):
     item_id: str | None = None
     title: str | None = None
     category: str | None = None
-    price: float | None = Field(default=None, ge=0)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     query: str | None = None
     review_text: str | None = None
     rating: int | None = Field(default=None, ge=1, le=5)
@@ -92,7 +126,14 @@ class Event(BaseModel):
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
         # Naive timestamps are taken as UTC so that sorting and gaps never mix conventions.
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        if not MIN_TIMESTAMP <= value < MAX_TIMESTAMP:
+            raise PydanticCustomError(
+                RowReason.TIMESTAMP_OUT_OF_RANGE.value,
+                "is outside {low}..{high}",
+                {"low": f"{MIN_TIMESTAMP:%Y-%m-%d}", "high": f"{MAX_TIMESTAMP:%Y-%m-%d}"},
+            )
+        return value
 
     @model_validator(mode="after")
     def _fields_for_behavior(self) -> Event:
@@ -100,7 +141,9 @@ class Event(BaseModel):
         # without its query text is still an event (its name goes into the text). Only a review
         # that says nothing is not an event.
         if self.behavior is Behavior.REVIEW and self.rating is None and not self.review_text:
-            raise ValueError("a review event needs `rating` or `review_text`")
+            raise PydanticCustomError(
+                RowReason.EMPTY_REVIEW.value, "a review event needs `rating` or `review_text`"
+            )
         return self
 
     @property
@@ -109,6 +152,38 @@ class Event(BaseModel):
         if not self.event_name:
             return self.behavior.value
         return " ".join(self.event_name.replace("_", " ").replace("-", " ").split())
+
+
+_FIELD_REASONS = {
+    "customer_id": RowReason.MISSING_CUSTOMER_ID,
+    "session_id": RowReason.MISSING_SESSION_ID,
+    "timestamp": RowReason.BAD_TIMESTAMP,
+    "behavior": RowReason.UNKNOWN_BEHAVIOR,
+    "price": RowReason.BAD_PRICE,
+    "rating": RowReason.BAD_RATING,
+}
+
+
+def _reason_of(error: dict[str, object]) -> RowReason:
+    kind = str(error.get("type", ""))
+    if kind in {r.value for r in RowReason}:  # raised by Event's own validators
+        return RowReason(kind)
+    loc = error.get("loc") or ()
+    field = str(loc[0]) if isinstance(loc, tuple) and loc else ""
+    if field == "price" and kind == "greater_than_equal":
+        return RowReason.NEGATIVE_PRICE
+    return _FIELD_REASONS.get(field, RowReason.BAD_VALUE)
+
+
+def row_reason(err: ValidationError) -> tuple[RowReason, str]:
+    """The quarantine reason of a row `Event` refused, and a one-line detail naming the field and the
+    value: the reason of highest precedence among its errors, as the ingest would pick it."""
+    found = [(_reason_of(dict(e)), e) for e in err.errors()]
+    reason, first = min(found, key=lambda pair: pair[0].code)
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "row"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
+    return reason, f"{loc}{shown} {first.get('msg', 'is invalid')}"
 
 
 class Example(BaseModel):

@@ -99,11 +99,13 @@ def test_load_events_good_and_quarantined(tmp_path: Path) -> None:
         assert isinstance(r["reason"], str)
         assert r["reason"]
         assert r["row"] == lines[r["line"] - 1]  # the raw row, for the merchant to fix
-    by_line = {r["line"]: r["reason"] for r in records}
-    assert "customer_id" in by_line[4]
-    assert "price" in by_line[7]
-    assert "teleport" in by_line[8]
-    assert "rating" in by_line[10]
+    by_line = {r["line"]: (r["reason"], r["detail"]) for r in records}
+    assert by_line[2][0] == "unparseable"
+    assert by_line[4][0] == "missing_customer_id" and "customer_id" in by_line[4][1]
+    assert by_line[7][0] == "negative_price" and "-1" in by_line[7][1]
+    assert by_line[8][0] == "unknown_behavior" and "teleport" in by_line[8][1]
+    assert by_line[10][0] == "empty_review" and "rating" in by_line[10][1]
+    assert by_line[11][0] == "unparseable" and "JSON object" in by_line[11][1]
 
 
 def test_load_events_all_good_writes_an_empty_quarantine(tmp_path: Path) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-from datetime import datetime, timezone
-
 import pyarrow as pa
+
+from shared.schema import MAX_TIMESTAMP, MIN_TIMESTAMP, RowReason
 
 STORE_SCHEMA = pa.schema(
     [
@@ -20,6 +19,11 @@ STORE_SCHEMA = pa.schema(
         ("query", pa.string()),
         ("title", pa.string()),
         ("attributes", pa.string()),
+        ("review_text", pa.string()),
+        ("rating", pa.int8()),
+        ("customer_segment", pa.string()),
+        ("customer_region", pa.string()),
+        ("customer_age_band", pa.string()),
         ("source_row", pa.int64()),
     ]
 )
@@ -49,40 +53,35 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-TEXT_FIELDS = ("customer_id", "session_id", "behavior", "event_name", "item_id", "category", "query", "title")
-"""Store fields read as text; `timestamp` and `price` have their own converters, `attributes` is
-built from the attribute columns."""
+TEXT_FIELDS = (
+    "customer_id",
+    "session_id",
+    "behavior",
+    "event_name",
+    "item_id",
+    "category",
+    "query",
+    "title",
+    "review_text",
+    "customer_segment",
+    "customer_region",
+    "customer_age_band",
+)
+"""Store fields read as text; `timestamp`, `price` and `rating` have their own converters,
+`attributes` is built from the attribute columns."""
 
-FIELDS = (*TEXT_FIELDS, "timestamp", "price")
+FIELDS = (*TEXT_FIELDS, "timestamp", "price", "rating")
+"""Every field a source column can be mapped to: every field of `shared.schema.Event` but
+`attributes` (which `--attribute` builds from any number of columns)."""
 REQUIRED_FIELDS = ("customer_id", "timestamp", "behavior")
 
-# Plausible event times: anything outside is a corrupt or mis-scaled value (e.g. milliseconds read as
-# seconds lands in the year 49000), not an e-commerce event. Fixed, not "now", so ingest is reproducible.
-MIN_TIMESTAMP = datetime(1995, 1, 1, tzinfo=timezone.utc)
-MAX_TIMESTAMP = datetime(2100, 1, 1, tzinfo=timezone.utc)
+# Plausible event times (the same bounds as `Event`'s).
 MIN_TIMESTAMP_MS = int(MIN_TIMESTAMP.timestamp() * 1000)
 MAX_TIMESTAMP_MS = int(MAX_TIMESTAMP.timestamp() * 1000)
 
 
-class Reason(str, enum.Enum):
-    """Why a row was quarantined, in order of precedence: a row gets the first that applies."""
-
-    UNPARSEABLE = "unparseable"
-    EMPTY_ROW = "empty_row"
-    BAD_ENCODING = "bad_encoding"
-    MISSING_CUSTOMER_ID = "missing_customer_id"
-    MISSING_SESSION_ID = "missing_session_id"
-    BAD_TIMESTAMP = "bad_timestamp"
-    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
-    UNKNOWN_BEHAVIOR = "unknown_behavior"  # empty, or (strict mode, fixed formats) not in the role map
-    BAD_PRICE = "bad_price"
-    NEGATIVE_PRICE = "negative_price"
-    DUPLICATE = "duplicate"
-
-    @property
-    def code(self) -> int:
-        """1-based precedence (0 means "good" in the validation arrays)."""
-        return list(Reason).index(self) + 1
+Reason = RowReason
+"""The quarantine reasons, shared with every other reader of the merchant's data (`shared.schema`)."""
 
 
 class IngestError(ValueError):

@@ -34,6 +34,11 @@ _COMPARED = (
     "query",
     "title",
     "attributes",
+    "review_text",
+    "rating",
+    "customer_segment",
+    "customer_region",
+    "customer_age_band",
 )
 """Besides customer and timestamp (equal by construction), what makes two rows exact duplicates."""
 

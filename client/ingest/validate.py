@@ -136,6 +136,33 @@ def _price(batch: RawBatch, plan: Plan, flags: list[_Flag]) -> pa.Array | None:
     return price
 
 
+def _rating(batch: RawBatch, flags: list[_Flag]) -> pa.Array | None:
+    """A review's rating: a whole number from 1 to 5 (null stays null)."""
+    if "rating" not in batch.layout.fields:
+        return None
+    number, bad = as_price(_raw(batch, "rating"))
+    values = np.asarray(pc.fill_null(number, 1.0).to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad |= (values != np.round(values)) | (values < 1) | (values > 5)
+    flags.append(_Flag(Reason.BAD_RATING, "rating", bad, "is not a whole number from 1 to 5"))
+    valid = to_numpy_bool(pc.is_valid(number)) & ~bad
+    return pa.array(np.where(valid, values, 0).astype(np.int8), pa.int8(), mask=~valid)
+
+
+def _review_flags(
+    behavior: pa.DictionaryArray, texts: dict[str, pa.Array], rating: pa.Array | None, flags: list[_Flag]
+) -> None:
+    """A review that says nothing (neither rating nor text) is not an event (as `Event` has it)."""
+    review = to_numpy_bool(pc.equal(behavior.dictionary_decode(), "review"))
+    if not review.any():
+        return
+    empty = review.copy()
+    if rating is not None:
+        empty &= _is_null(rating)
+    if "review_text" in texts:
+        empty &= _is_null(texts["review_text"])
+    flags.append(_Flag(Reason.EMPTY_REVIEW, "behavior", empty, "is a review with neither rating nor text"))
+
+
 def _behavior_flags(texts: dict[str, pa.Array], plan: Plan, flags: list[_Flag]) -> pa.DictionaryArray:
     """Roles of the batch (unmapped names: role `other`, or quarantined when strict). Item ids and
     query texts are optional: a page without an item and a search without its query are events."""
@@ -165,6 +192,8 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
     ms = _time_flags(batch, plan, flags)
     behavior = _behavior_flags(texts, plan, flags)
     price = _price(batch, plan, flags)
+    rating = _rating(batch, flags)
+    _review_flags(behavior, texts, rating, flags)
     code, which = _assign(flags, n)
     columns: dict[str, pa.Array] = {
         **texts,
@@ -174,6 +203,8 @@ def check_batch(batch: RawBatch, plan: Plan, file_index: int, schema: pa.Schema 
     }
     if price is not None:
         columns["price"] = price
+    if rating is not None:
+        columns["rating"] = rating
     if "file_index" in schema.names:
         columns["file_index"] = pa.array(np.full(n, file_index, np.int16))
     good = pa.table(
