@@ -13,6 +13,14 @@ the merchant sent none (a refusal) or sent one out of range.
 pooled AUC over all held-out customers, not a mean of per-merchant AUCs. Each merchant's
 "evaluation" comes from its own noisy histogram alone, so it is much noisier than the pooled one.
 `local_baseline` (each merchant's counts logistic regression, sent once per run) is pooled the same way.
+
+Noise (added fields; the metrics above keep their names and meaning): when every pooled merchant
+reported its evaluation noise multiplier σ, "global" (and each `local_baseline` and merchant
+`evaluation`) also holds `noise_sd` (metric → the sd the noise gives it), `bands` (metric → {"value",
+"sd", "low", "high" (the 95% band), "readable", "reason"?}: `shared.noise_bands`, which says when a
+metric is unreadable) and `eval_noise` ({"per_count_sd", "noise_multiplier": {merchant: σ}, "max_sd",
+"min_sds"}: the noise every pooled count carries and the readability thresholds). `examples`, a sum
+of noisy counts, is rounded to a whole number.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from shared.histograms import LOCAL_BASELINE, MODEL, Histogram, noise_errors
+from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
+from shared.noise_bands import MAX_SD, MIN_SDS, Band, band_of, bands, per_count_sd
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +123,20 @@ class MetricsLog:
         ]
 
 
+METRIC_COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("auc", "AUC"), ("loss", "loss"))
+CELL = 13  # "0.745 ±0.031", "unreadable"
+LEGEND = (
+    f"(± = the noise sd of each value, from the merchants' evaluation noise; unreadable = the noise "
+    f"swamps it: sd > {MAX_SD:g}, or a count within {MIN_SDS:g} sd of zero; `fedbehavior report` says why)"
+)
+
+
 def header() -> str:
+    """The console table's column names and, below them, how to read its noisy cells."""
+    metrics = " ".join(f"{name:>{CELL}}" for _, name in METRIC_COLUMNS)
     return (
         f"{'round':>5} {'trained':>7} {'refused':>7} {'rejected':>8} {'failed':>6} "
-        f"{'accuracy':>8} {'macro-F1':>8} {'AUC':>6} {'±noise':>6} {'loss':>7} {'max ε':>6} {'time s':>7}"
+        f"{metrics} {'examples':>11} {'max ε':>6} {'time s':>7}\n{LEGEND}"
     )
 
 
@@ -127,17 +146,101 @@ def _fmt(value: Any, width: int, digits: int = 3) -> str:
     return f"{value:>{width}.{digits}f}"
 
 
+def row_bands(metrics: Mapping[str, Any]) -> dict[str, Band] | None:
+    """The noise bands of a row's `global` (or `local_baseline`, or a merchant's `evaluation`):
+    its `bands`, or for rows written before them its `noise_sd` (unreadable where null or above
+    `MAX_SD`); None when the row carries no noise information (an evaluation without noise)."""
+    if isinstance(metrics.get("bands"), dict):
+        return {k: Band.from_record(v, k) for k, v in metrics["bands"].items() if isinstance(v, dict)}
+    if isinstance(metrics.get("noise_sd"), dict):
+        sds = metrics["noise_sd"]
+        return {k: band_of(k, metrics.get(k), sds.get(k)) for k in sds if k != "examples"}
+    return None
+
+
+def _cell(key: str, value: Any, band: Band | None, width: int, digits: int = 3) -> str:
+    if band is None:
+        return _fmt(value, width, digits)
+    if not band.readable or band.value is None or band.sd is None:
+        return f"{'unreadable':>{width}}"
+    return f"{f'{band.value:.{digits}f} ±{band.sd:.{digits}f}':>{width}}"
+
+
 def format_row(row: dict[str, Any]) -> str:
     counts = Counter(m["status"] for m in row["merchants"].values())
     eps = [m["epsilon"] for m in row["merchants"].values() if m.get("epsilon") is not None]
     g = row["global"]
+    found = row_bands(g)
+    cells = " ".join(
+        _cell(key, g.get(key), None if found is None else found.get(key), CELL) for key, _ in METRIC_COLUMNS
+    )
+    examples = _cell("examples", g.get("examples"), None if found is None else found.get("examples"), 11, 0)
     return (
         f"{row['round']:>5} {counts['trained']:>7} {counts['refused-budget']:>7} "
-        f"{counts['rejected-update']:>8} {counts['failed']:>6} {_fmt(g.get('accuracy'), 8)} "
-        f"{_fmt(g.get('macro_f1'), 8)} {_fmt(g.get('auc'), 6)} "
-        f"{_fmt((g.get('noise_sd') or {}).get('auc'), 6)} {_fmt(g.get('loss'), 7)} "
+        f"{counts['rejected-update']:>8} {counts['failed']:>6} {cells} {examples} "
         f"{_fmt(max(eps) if eps else None, 6, 2)} {_fmt(row['time_s'], 7, 1)}"
     )
+
+
+class RoundFollower:
+    """Prints the rows a running coordinator appends to `metrics.jsonl`, as the console table:
+    `coordinator run --wait` calls `poll` while it waits, so a coordinator sees each round as it ends.
+
+    Reads only complete lines (a row being written is picked up at the next poll)."""
+
+    def __init__(self, path: Path, out: TextIO) -> None:
+        self.path, self.out = path, out
+        self.read = 0  # bytes of complete lines already shown
+        self.shown = 0
+
+    def poll(self) -> int:
+        """Print the rows appended since the last poll; return how many."""
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.read)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return 0
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.read += len(complete)
+        new = 0
+        for line in complete.decode("utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = format_row(row)
+            except (ValueError, KeyError, TypeError) as err:  # a row this version cannot show
+                text = f"(a row of {self.path.name} not shown: {err})"
+            if self.shown == 0:
+                self.out.write(header() + "\n")
+            self.out.write(text + "\n")
+            self.shown += 1
+            new += 1
+        if new:
+            self.out.flush()
+        return new
+
+
+def with_noise(metrics: dict[str, Any], histogram: Histogram, sigmas: Mapping[str, float]) -> dict[str, Any]:
+    """`metrics` (of the noisy `histogram`) with `examples` rounded and, when `sigmas` (the σ of every
+    merchant whose counts it sums) is non-empty, `noise_sd`, `bands` and `eval_noise` added."""
+    out = dict(metrics)
+    if out.get("examples") is not None:
+        out["examples"] = round(out["examples"])  # a sum of noisy counts: its decimals are noise
+    if not sigmas:
+        return out
+    cell_sd = per_count_sd(sigmas.values())
+    found = bands(histogram.counts, histogram.kind, cell_sd, metrics)
+    out["noise_sd"] = {k: b.sd for k, b in found.items()}
+    out["bands"] = {k: b.to_record() for k, b in found.items()}
+    out["eval_noise"] = {
+        "per_count_sd": cell_sd,
+        "noise_multiplier": dict(sorted(sigmas.items())),
+        "max_sd": MAX_SD,
+        "min_sds": MIN_SDS,
+    }
+    return out
 
 
 def pool_evaluations(
@@ -153,13 +256,15 @@ def pool_evaluations(
     of the wrong size (the server knows the shape from the task, never takes it from the sender) is
     left out with a warning.
 
-    `noise`: each merchant's evaluation noise multiplier (the σ its counts carry). When every pooled
-    merchant reported one, `noise_sd` holds how much that noise moves each metric
-    (`shared.histograms.noise_errors`): a pooled AUC of 0.62 with a `noise_sd` of 0.15 says nothing.
+    `noise`: each merchant's evaluation noise multiplier (the σ its counts carry). When every merchant
+    in a sum reported one, that sum's metrics get their noise bands (`with_noise`): a pooled AUC of
+    0.62 with a noise sd of 0.15 says nothing, and its band says so. A missing σ would understate the
+    noise, so then no band is given.
     """
     totals: dict[str, Histogram] = {}
+    senders: dict[str, list[str]] = {}
     own: dict[str, dict[str, Any]] = {}
-    pooled_from: list[str] = []
+    sigma = {m: float(v) for m, v in (noise or {}).items() if isinstance(v, int | float) and v > 0}
     for merchant, histograms in sorted(reports.items()):
         for name, values in sorted(histograms.items()):
             try:
@@ -168,16 +273,20 @@ def pool_evaluations(
                 log.warning("histogram %s of %s left out: %s", name, merchant, err)
                 continue
             totals[name] = totals[name] + histogram if name in totals else histogram
-            own.setdefault(merchant, {})["evaluation" if name == MODEL else name] = histogram.metrics()
-            if name == MODEL:
-                pooled_from.append(merchant)
+            senders.setdefault(name, []).append(merchant)
+            mine = {merchant: sigma[merchant]} if merchant in sigma else {}
+            own.setdefault(merchant, {})["evaluation" if name == MODEL else name] = with_noise(
+                histogram.metrics(), histogram, mine
+            )
+
+    def pooled_of(name: str) -> dict[str, Any]:
+        known = {m: sigma[m] for m in senders[name] if m in sigma}
+        complete = len(known) == len(senders[name])
+        return with_noise(totals[name].metrics(), totals[name], known if complete else {})
+
     if MODEL not in totals:
         return {}, own
-    pooled: dict[str, Any] = totals[MODEL].metrics()
-    sigmas = [(noise or {}).get(m) for m in pooled_from]
-    if all(isinstance(v, float) and v > 0 for v in sigmas):
-        cell_sd = math.sqrt(sum(float(v) ** 2 for v in sigmas if v is not None))
-        pooled["noise_sd"] = noise_errors(totals[MODEL], cell_sd)
+    pooled = pooled_of(MODEL)
     if LOCAL_BASELINE in totals:
-        pooled[LOCAL_BASELINE] = totals[LOCAL_BASELINE].metrics()
+        pooled[LOCAL_BASELINE] = pooled_of(LOCAL_BASELINE)
     return pooled, own

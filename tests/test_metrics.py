@@ -123,22 +123,104 @@ def test_pooled_metrics_are_those_of_the_summed_histograms() -> None:
 
 
 def test_pooled_noise_sd_uses_every_merchants_sigma() -> None:
-    """noise_sd is the spread under √(σ_a² + σ_b²) per count, and only when every pooled merchant
+    """noise_sd and the bands use √(σ_a² + σ_b²) per count, and only when every pooled merchant
     reported its σ (a missing one would understate the noise)."""
     from server.metrics import pool_evaluations
-    from shared.histograms import Histogram, noise_errors
+    from shared.histograms import Histogram
+    from shared.noise_bands import analytic_sd, bands
 
     (ya, pa), (yb, pb) = _scores(1, 120), _scores(2, 40)
     reports = {
         "a": {"model": Histogram.of(ya, pa).to_values()},
         "b": {"model": Histogram.of(yb, pb).to_values()},
     }
-    pooled, _ = pool_evaluations(reports, num_labels=2, noise={"a": 3.0, "b": 4.0})
+    pooled, own = pool_evaluations(reports, num_labels=2, noise={"a": 3.0, "b": 4.0})
     total = Histogram.of(np.concatenate([ya, yb]), np.concatenate([pa, pb]))
-    assert pooled["noise_sd"] == pytest.approx(noise_errors(total, 5.0))
-    assert pooled["noise_sd"]["auc"] > noise_errors(total, 3.0)["auc"]
+    assert pooled["noise_sd"] == pytest.approx(analytic_sd(total.counts, total.kind, 5.0))
+    assert pooled["noise_sd"]["auc"] > analytic_sd(total.counts, total.kind, 3.0)["auc"]
+    expected = bands(total.counts, total.kind, 5.0, total.metrics())
+    assert pooled["bands"] == {k: b.to_record() for k, b in expected.items()}
+    assert pooled["eval_noise"]["per_count_sd"] == pytest.approx(5.0)
+    assert pooled["eval_noise"]["noise_multiplier"] == {"a": 3.0, "b": 4.0}
+    assert pooled["examples"] == 160 and isinstance(pooled["examples"], int)
+    # each merchant's own evaluation carries its own σ only
+    assert own["a"]["evaluation"]["eval_noise"]["per_count_sd"] == pytest.approx(3.0)
     partial, _ = pool_evaluations(reports, num_labels=2, noise={"a": 3.0})
-    assert "noise_sd" not in partial
+    assert "noise_sd" not in partial and "bands" not in partial
+
+
+def test_noisy_pooled_counts_are_rounded_and_flagged() -> None:
+    """A demo-sized evaluation at σ = 20: the pooled metrics stay in the row (the contract) with
+    bands that say the noise swamps them, and the example count is a whole number."""
+    from server.metrics import format_row, pool_evaluations
+    from shared.histograms import Histogram
+
+    reports = {}
+    for i in range(4):
+        y, p = _scores(10 + i, 100)
+        reports[f"m{i}"] = {"model": Histogram.of(y, p).noised(20.0, seed=i).to_values()}
+    pooled, _ = pool_evaluations(reports, num_labels=2, noise={f"m{i}": 20.0 for i in range(4)})
+    assert isinstance(pooled["examples"], int)
+    assert {k for k, b in pooled["bands"].items() if not b["readable"]} == {
+        "accuracy",
+        "macro_f1",
+        "auc",
+        "loss",
+        "examples",
+    }
+    assert all(b["reason"] for b in pooled["bands"].values())
+    line = format_row({"round": 1, "time_s": 2.0, "global": pooled, "merchants": {}})
+    assert line.count("unreadable") == 5 and "1.000" not in line and "0.000" not in line
+
+
+def test_console_table_cells() -> None:
+    """Readable values print with their noise sd; rows without noise information print plainly, and
+    rows written before `bands` existed are read from their `noise_sd`."""
+    from server.metrics import CELL, METRIC_COLUMNS, format_row, header
+    from shared.noise_bands import band_of
+
+    merchants = {"m1": {"status": "trained", "epsilon": 2.5}, "m2": {"status": "refused-budget"}}
+    readable = {
+        k: band_of(k, v, sd).to_record()
+        for k, v, sd in (("accuracy", 0.75, 0.02), ("macro_f1", 0.6, 0.03), ("auc", 0.8, 0.04))
+    }
+    readable["loss"] = band_of("loss", 0.47, 0.31).to_record()  # sd above the threshold
+    readable["examples"] = band_of("examples", 4100.0, 208.0).to_record()
+    g = {"accuracy": 0.75, "macro_f1": 0.6, "auc": 0.8, "loss": 0.47, "examples": 4100, "bands": readable}
+    line = format_row({"round": 3, "time_s": 12.0, "global": g, "merchants": merchants})
+    assert "0.750 ±0.020" in line and "0.800 ±0.040" in line and "4100 ±208" in line
+    assert line.count("unreadable") == 1 and "0.470" not in line and "2.50" in line
+    plain = format_row(
+        {"round": 0, "time_s": 1.0, "global": {"accuracy": 0.5, "examples": 20.0}, "merchants": {}}
+    )
+    assert "0.500" in plain and "±" not in plain and "unreadable" not in plain
+    old = {"accuracy": 1.0, "auc": None, "loss": 0.0, "examples": 173.7}
+    old["noise_sd"] = {"accuracy": 0.3, "macro_f1": None, "auc": None, "loss": 0.9}
+    line = format_row({"round": 1, "time_s": 1.0, "global": old, "merchants": {}})
+    assert line.count("unreadable") == 4 and "1.000" not in line and " 174 " in line
+    columns, legend = header().split("\n")
+    assert len(columns.split()) == 5 + len(METRIC_COLUMNS) + 5  # examples, "max ε", "time s"
+    assert "unreadable" in legend and "noise sd" in legend
+    assert len(line) == len(columns) and CELL == 13
+
+
+def test_round_follower_prints_each_new_complete_row(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import json
+
+    from server.metrics import RoundFollower, format_row, header
+
+    path = tmp_path / "metrics.jsonl"
+    out = io.StringIO()
+    follower = RoundFollower(path, out)
+    assert follower.poll() == 0 and out.getvalue() == ""  # no file yet
+    rows = [{"round": r, "time_s": float(r), "global": {"accuracy": 0.5}, "merchants": {}} for r in range(3)]
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:10])  # row 1 half written
+    assert follower.poll() == 1
+    with path.open("w") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert follower.poll() == 2 and follower.poll() == 0
+    assert out.getvalue() == header() + "\n" + "".join(format_row(r) + "\n" for r in rows)
 
 
 def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
