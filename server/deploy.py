@@ -264,11 +264,19 @@ class CoordinatorHome:
                 return str(run.get("status", "unknown"))
         return "unknown"
 
-    def wait(self, launch: Launch, timeout: float, poll: float = 2.0) -> str:
-        """Block until the Flower run ends; return its final status (e.g. `finished:completed`)."""
+    def wait(self, launch: Launch, timeout: float, poll: float = 2.0, *, quiet: bool = False) -> str:
+        """Block until the Flower run ends; return its final status (e.g. `finished:completed`).
+
+        While it waits it prints each round's row of the console table to stdout as the round lands
+        in `metrics.jsonl` (`server.metrics.RoundFollower`), unless `quiet`."""
+        from server.metrics import RoundFollower
+
+        follower = None if quiet else RoundFollower(launch.run_dir / "metrics.jsonl", sys.stdout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.flower_status(launch.run_id)
+            if follower is not None:
+                follower.poll()
             if status.startswith("finished"):
                 return status
             time.sleep(poll)

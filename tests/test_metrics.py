@@ -282,6 +282,33 @@ def test_coordinator_writes_pooled_and_per_merchant_rows(tiny_bert: str, tmp_pat
     assert rows[1]["merchants"]["m1"]["status"] == "trained" and "local_baseline" not in rows[1]["global"]
 
 
+def test_wait_shows_each_round_while_it_waits(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`coordinator run --wait` prints each round as it lands, then returns the Flower status."""
+    import json
+    from types import SimpleNamespace
+
+    from server.deploy import CoordinatorHome, Launch
+    from server.metrics import format_row
+
+    rows = [{"round": r, "time_s": float(r), "global": {"accuracy": 0.5}, "merchants": {}} for r in range(3)]
+    polls: list[str] = []
+
+    def flower_status(run_id: int) -> str:  # one more round lands before each poll
+        polls.append("poll")
+        landed = rows[: len(polls)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in landed))
+        return "finished:completed" if len(polls) == len(rows) else "running"
+
+    home = SimpleNamespace(flower_status=flower_status)
+    launch = Launch("r", 7, tmp_path)
+    assert CoordinatorHome.wait(home, launch, timeout=10, poll=0.0) == "finished:completed"  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert out.count("round trained") == 1 and all(format_row(r) in out for r in rows)
+    polls.clear()
+    assert CoordinatorHome.wait(home, launch, timeout=10, poll=0.0, quiet=True) == "finished:completed"  # type: ignore[arg-type]
+    assert capsys.readouterr().out == ""
+
+
 def _two_models(rng: np.random.Generator, n: int, rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y = (rng.random(n) < rate).astype(int)
     signal = y + rng.normal(0.0, 1.5, n)  # shared by both models, as two models of one customer are
