@@ -65,34 +65,71 @@ class RunConfig(BaseModel):
         alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
     )
 
-    task: str = "purchase-intent"
+    task: str = Field(
+        "purchase-intent",
+        description="what the classifier predicts: purchase-intent (binary, from a session prefix with no "
+        "cart/buy yet), next-behavior (the next event's role), category-intent (category of the next item "
+        "acted on; top-3 accuracy reported), customer-label (the merchant's own labels file) or "
+        "repeat-purchase (another buy within repeat-days)",
+    )
     eval_split: str = Field(
-        "customer", pattern="^(customer|time)$", description="held-out customers or later sessions"
+        "customer",
+        pattern="^(customer|time)$",
+        description="customer: held-out customers (a hash of the customer id draws the merchant's "
+        "eval-fraction of them); time: the same held-out customers, evaluated only on their sessions that "
+        "start at or after eval-cutoff, while training customers train only on sessions that end before "
+        "it. No customer is in both sets",
     )
     eval_cutoff: str = Field(
         "",
         description="eval-split=time: public ISO date/time; training sessions end before it, "
         "held-out customers' sessions start at or after it (never a quantile of private data)",
     )
-    category_labels: str = Field(",".join(DEFAULT_CATEGORIES), description="category-intent's label list")
-    customer_labels: str = Field("", description="customer-label's label names, comma-separated")
-    leak_roles: str = Field("cart,buy", description="roles that end a purchase-intent prefix")
-    repeat_days: float = Field(30.0, gt=0.0, description="repeat-purchase: window after the first buy")
-    backbone: str = Field("", description="HF model id or local folder; empty = packaged MiniLM-L6")
-    num_rounds: int = Field(5, ge=1, le=1000)
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    min_train_nodes: int = Field(2, ge=1)
-    fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
-    min_evaluate_nodes: int = Field(2, ge=1)
-    min_available_nodes: int = Field(2, ge=1)
+    category_labels: str = Field(
+        ",".join(DEFAULT_CATEGORIES),
+        description="category-intent's label list, comma-separated: a public taxonomy fixed for the run "
+        "(other categories become `other`)",
+    )
+    customer_labels: str = Field(
+        "",
+        description="customer-label's label names, comma-separated: fixed for the run, shared by every "
+        "merchant",
+    )
+    leak_roles: str = Field(
+        "cart,buy", description="roles that end a purchase-intent prefix, comma-separated (buy always does)"
+    )
+    repeat_days: float = Field(
+        30.0, gt=0.0, description="repeat-purchase: window in days after the first buy"
+    )
+    backbone: str = Field(
+        "",
+        description="Hugging Face model id or local folder of a BERT; empty = the packaged MiniLM-L6 (a "
+        "merchant loads only backbones its policy lists)",
+    )
+    num_rounds: int = Field(
+        5, ge=1, le=1000, description="rounds (also the horizon merchants calibrate their noise for)"
+    )
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of merchants sampled per training round"
+    )
+    min_train_nodes: int = Field(2, ge=1, description="fewest merchants sampled per training round")
+    fraction_evaluate: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of merchants sampled per evaluation"
+    )
+    min_evaluate_nodes: int = Field(2, ge=1, description="fewest merchants sampled per evaluation")
+    min_available_nodes: int = Field(2, ge=1, description="merchants to wait for before the first round")
     local_epochs: int = Field(
         0,
         ge=0,
         le=1000,
         description="local DP-SGD epochs per round; 0 = the trainable's default "
-        "(10 for head, whose backbone runs once per round; 1 for lora+head, a BERT pass per step)",
+        "(10 for head, whose backbone runs once per round; 1 for lora+head, a BERT pass per step), and a "
+        "merchant whose budget fits no more under its max-noise-multiplier then trains 5, 2 or 1 rather "
+        "than refuse; a value set here is trained exactly or refused",
     )
-    batch_size: int = Field(64, ge=1, le=1_000_000)
+    batch_size: int = Field(
+        64, ge=1, le=1_000_000, description="expected customers per DP-SGD step (Poisson-sampled)"
+    )
     learning_rate: float = Field(0.1, gt=0.0, le=1e3, description="the head's AdamW rate")
     lora_learning_rate: float = Field(
         0.001, ge=0.0, le=1e3, description="LoRA matrices' rate; 0 = learning-rate"
@@ -103,36 +140,50 @@ class RunConfig(BaseModel):
         le=1e6,
         description="clip of each customer's summed gradient; 1.5, not 1: a buyer's single-session head "
         "gradient has norm 2·(1 − p) on unit-length features, and clipping it to 1 biased the head "
-        "towards 'no purchase' (README, 'Clip and calibration')",
+        "towards 'no purchase' (the study, 'Clip and calibration')",
     )
     noise_multiplier: float = Field(
-        0.0, ge=0.0, le=1e4, description="server's suggestion; 0 = merchant calibrates"
+        0.0,
+        ge=0.0,
+        le=1e4,
+        description="the coordinator's suggested noise multiplier; 0 = none. A merchant never goes "
+        "below its own calibration and floor",
     )
-    max_length: int = Field(48, ge=8, le=512)
+    max_length: int = Field(
+        48, ge=8, le=512, description="tokens per example; the most recent events that fit are kept"
+    )
     pooling: str = Field(
         "mean-l2",
         pattern="^(mean-l2|mean|cls)$",
         description="head input: unit-length masked mean (default), raw masked mean, or [CLS]",
     )
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: str = "query,value"
-    seed: int = 0
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path")
+    lora_target_modules: str = Field(
+        "query,value", description="BERT modules that get LoRA matrices, comma-separated"
+    )
+    seed: int = Field(
+        0, description="initial adapter, merchant sampling and FFA-LoRA's shared A (never the DP noise)"
+    )
     # --- the coordinator's bounds on what merchants send (server/strategy.py, server/robust.py) ---
     aggregation: str = Field(
         "fedavg",
         pattern="^(fedavg|robust|trimmed-mean|median)$",
         description="how accepted updates combine; robust = trimmed mean dropping at least one value at "
         "each end from 3 updates on (one merchant cannot steer the step; it cost the 4-merchant demo "
-        "4.7 AUC points in one run, README 'Robust aggregation'), weighted FedAvg below 3",
+        "4.7 AUC points in one run, see the robust aggregation guide), weighted FedAvg below 3; "
+        "trimmed-mean drops trim-fraction only; median is the coordinate-wise median",
     )
     trim_fraction: float = Field(0.25, ge=0.0, lt=0.5, description="trimmed-mean: dropped at each end")
     update_norm_factor: float = Field(3.0, gt=1.0, description="reject update norms above this x median")
     max_update_norm: float = Field(100.0, gt=0.0, description="absolute ceiling on an update's norm")
     max_weight_factor: float = Field(3.0, ge=1.0, description="example claims clipped to this x median")
     server_optimizer: str = Field(
-        "fedavg", pattern="^(fedavg|fedavgm|fedadam)$", description="applies the aggregated delta"
+        "fedavg",
+        pattern="^(fedavg|fedavgm|fedadam)$",
+        description="applies the aggregated delta (post-processing, no privacy cost): fedavg, fedavgm "
+        "(momentum) or fedadam",
     )
     server_learning_rate: float = Field(0.0, ge=0.0, description="0 = the server optimizer's default")
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm's β, fedadam's β1")
@@ -142,20 +193,32 @@ class RunConfig(BaseModel):
     trainable: str = Field(
         "head",
         pattern="^(lora\\+head|head)$",
-        description="head = DP linear probe (LoRA frozen, not sent)",
+        description="head = DP linear probe (LoRA frozen, only the head trained and sent; the default, see "
+        "the study); lora+head = LoRA matrices + head",
     )
     lora_mode: str = Field(
-        "lora", pattern="^(lora|ffa)$", description="ffa = FFA-LoRA: A frozen at a seed-derived init, B sent"
+        "lora",
+        pattern="^(lora|ffa)$",
+        description="with lora+head; ffa = FFA-LoRA: A frozen at a seed-derived init shared by all, only B "
+        "+ head trained and sent",
     )
     round_timeout: float = Field(
         0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
     )
-    resume: bool = Field(False, description="continue run-name from its last checkpoint")
-    run_name: str = ""
-    runs_dir: str = ""
-    sim_root: str = ""
-    sim_customers: int = Field(500, ge=20)
-    sim_seed: int = 7
+    resume: bool = Field(
+        False, description="continue run-name from its last checkpoint (`coordinator run --resume` sets it)"
+    )
+    run_name: str = Field(
+        "", description="run folder name under runs-dir; empty = run-<UTC date-time>-<Flower run id>"
+    )
+    runs_dir: str = Field(
+        "", description="folder of run folders; empty = ~/.fedbehavior/runs (make demo uses ./runs)"
+    )
+    sim_root: str = Field(
+        "", description="simulation: folder of the merchant folders; empty = <run folder>/merchants"
+    )
+    sim_customers: int = Field(500, ge=20, description="simulation: customers per synthetic merchant")
+    sim_seed: int = Field(7, description="simulation: seed of the synthetic merchants' data")
 
     @field_validator("task")
     @classmethod
