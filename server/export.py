@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from server.metrics import describe_metrics
+from server.provenance import release_description, trained_description
 from shared.adapters import AdapterState, load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
@@ -71,8 +73,9 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
     lines = [
         f"# fedbehavior adapter: {task.name}",
         "",
-        f"LoRA adapter and classifier head for `{resolve_backbone(cfg.backbone)}`, trained with federated "
-        "averaging over merchants, each running DP-SGD (Opacus) on its own customers.",
+        f"Adapter in PEFT format for `{resolve_backbone(cfg.backbone)}`. "
+        f"Trained: {trained_description(cfg)}, by federated averaging over merchants, each running "
+        "DP-SGD (Opacus) on its own customers.",
         "",
         f"Load it with `PeftModel.from_pretrained({_base_class(cfg)}.from_pretrained(backbone, "
         f"num_labels={task.num_labels}), this_folder)`. Labels: {', '.join(task.labels)}. The head reads "
@@ -96,13 +99,15 @@ def model_card(cfg: RunConfig, last_row: dict[str, Any], epsilons: dict[str, dic
         *_merchant_table(epsilons),
         "",
         "Each merchant's guarantee is (epsilon, delta)-DP with respect to adding or removing one of its "
-        "privacy units, for everything its adapter updates reveal. Scalar metrics (example counts, training "
-        "loss, held-out evaluation metrics) are reported without noise.",
+        "privacy units, for everything its adapter updates reveal. Outside that accounting, a training reply "
+        "carries exact scalars (the merchant's public training size, steps, sampling rate, noise multiplier "
+        "and the round's mean training loss), and every reply its status: `fedbehavior export` lists them "
+        "in `privacy.json` (`not_covered`).",
         "",
-        "## Federated evaluation (last round, held-out customers, weighted by examples)",
+        f"## Federated evaluation (round {last_row.get('round', 0)}, held-out customers)",
         "",
+        release_description(g.get("eval_noise")),
+        "",
+        *(f"- {line}" for line in describe_metrics(g, band95=True)),
     ]
-    for key in ("accuracy", "macro_f1", "auc", "loss", "examples"):
-        if g.get(key) is not None:
-            lines.append(f"- {key}: {g[key]:.4f}" if key != "examples" else f"- {key}: {int(g[key])}")
     return "\n".join(lines) + "\n"

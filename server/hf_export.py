@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import server.modeling_fedbehavior as modeling
-from server.provenance import privacy_record, provenance_markdown
+from server.provenance import privacy_record, provenance_markdown, trained_description
 from shared.config import RunConfig
 from shared.model import MEAN_POOLINGS
 from shared.trained import ADAPTER_CONFIG, EXPORT_KEY, load_trained, quietly, read_run_config
@@ -115,8 +115,14 @@ def _loading(cfg: RunConfig, adapter_only: bool) -> list[str]:
         else "The head reads the pooled [CLS] vector: a stock `BertForSequenceClassification`."
     )
     flag = ", trust_remote_code=True" if cfg.pooling in MEAN_POOLINGS else ""
+    merged = (
+        "The backbone with the trained classifier head (a head-only run: its LoRA matrices stayed zero, so "
+        "the merge leaves the backbone as it was)"
+        if cfg.lora.trainable == "head"
+        else "LoRA merged into the backbone, classifier head included"
+    )
     return [
-        "LoRA merged into the backbone, classifier head included; needs only torch and transformers.",
+        f"{merged}; needs only torch and transformers.",
         "",
         "```python",
         "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
@@ -135,6 +141,9 @@ def model_card(cfg: RunConfig, record: dict[str, Any], *, adapter_only: bool) ->
         f"# fedbehavior {cfg.task} classifier (run {record['run']})",
         "",
         *_loading(cfg, adapter_only),
+        "",
+        f"Trained: {trained_description(cfg)}, by federated averaging over merchants, each running "
+        "DP-SGD on its own customers.",
         "",
         f"Task: `{cfg.task}`. Labels: {labels}. Inputs are behaviour events as text (fedbehavior's "
         f"serializer, at most {cfg.max_length} tokens); `fedbehavior predict` builds them from any "

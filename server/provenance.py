@@ -2,10 +2,12 @@
 
 Sources, in this order: `metrics.jsonl` (each merchant's status, epsilon and delta per round, and
 each training round's charge as the merchant reported it: noise multiplier, sampling rate, steps,
-budget, accountant, privacy unit; `server.metrics.train_entry`), the run config in
-`final/run-config.json` (clip norm, rounds, task), and the merchant table of `final/README.md`
-(privacy unit, accountant). Nothing is invented: a value the run folder does not hold is written as
-`NOT_REPORTED`.
+budget, accountant, privacy unit; `server.metrics.train_entry`; the last round's pooled metrics with
+their noise bands and the merchants' evaluation noise), the run config in `final/run-config.json`
+(clip norm, rounds, task, what was trained), the merchant table of `final/README.md` (privacy unit,
+accountant), and, for a simulation, `exact-metrics.jsonl` (exact pooled metrics that only a
+simulation's operator can compute). Nothing is invented: a value the run folder does not hold is
+written as `NOT_REPORTED`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from server.metrics import describe_metrics, row_bands
 from shared.config import RunConfig
+from shared.noise_bands import MAX_SD, MIN_SDS
 
 NOT_REPORTED = "not reported by the merchant"
 MERCHANT_KEYS = ("accountant", "privacy_unit", "noise_multiplier", "sample_rate", "max_epsilon")
@@ -41,6 +45,55 @@ EVALUATION_SET = (
     "per customer; the coordinator pools the merchants' noisy count histograms (a Gaussian mechanism "
     "charged to each merchant's ledger) or, where a merchant sent none, weights its metrics by examples"
 )
+
+
+EXACT_FILE = "exact-metrics.jsonl"
+"""A simulation's exact pooled metrics per round (`simulations.exact`): absent from a deployment."""
+
+
+def trained_description(cfg: RunConfig) -> str:
+    """What the run trained (and so what its adapter holds), in words: head only, LoRA or FFA-LoRA."""
+    lora = cfg.lora
+    where = f"rank {lora.r}, alpha {lora.alpha}, on {', '.join(lora.target_modules)}"
+    if lora.trainable == "head":
+        return (
+            "the classifier head only (a DP linear probe over the frozen backbone; the LoRA matrices stay "
+            "at their initialisation with B = 0, so the backbone is unchanged)"
+        )
+    if lora.mode == "ffa":
+        return (
+            f"FFA-LoRA ({where}: every A frozen at an initialisation drawn from the run's seed, only B "
+            "trained and sent) and the classifier head"
+        )
+    return f"LoRA ({where}: A and B trained) and the classifier head"
+
+
+def release_description(noise: dict[str, Any] | None) -> str:
+    """How the evaluation metrics were released, from a row's `eval_noise` (None: no noise recorded)."""
+    if not noise:
+        return (
+            "Evaluation metrics: the run recorded no evaluation noise for them (an evaluation without "
+            "histograms, or a merchant that did not report its noise multiplier), so no noise band is given."
+        )
+    sigmas = noise.get("noise_multiplier") or {}
+    each = ", ".join(f"{m} {_cell(float(v))}" for m, v in sigmas.items())
+    return (
+        "Evaluation metrics are released as noisy counts, never exactly: each merchant adds Gaussian noise "
+        f"of standard deviation σ (its own eval-noise-multiplier: {each}) to every count of its held-out "
+        "histogram (sensitivity 1: one customer is one count), charged to its ledger. The coordinator sums "
+        f"the counts (noise sd {_cell(float(noise.get('per_count_sd', 0.0)))} per pooled count) and derives "
+        "the metrics from the sums; each comes with its noise sd (±) propagated from σ. A metric is "
+        f"unreadable when its noise sd exceeds {_cell(float(noise.get('max_sd', MAX_SD)))} or a count it "
+        f"divides by is within {_cell(float(noise.get('min_sds', MIN_SDS)))} noise sd of zero."
+    )
+
+
+def read_exact(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a simulation's `exact-metrics.jsonl`, or [] (a deployment has none)."""
+    path = run_dir / EXACT_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -113,12 +166,15 @@ def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]
 def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
     """Everything the run folder says about privacy and quality, as JSON-ready data (`privacy.json`)."""
     rows = read_rows(run_dir)
+    exact = [r for r in read_exact(run_dir) if r.get("round") == max((x["round"] for x in rows), default=0)]
+    exact_last = {"round": exact[-1]["round"], **exact[-1].get("model", {})} if exact else None
     card = card_merchant_table(run_dir / "final" / "README.md")
     names = sorted({m for row in rows for m in row.get("merchants", {})} | set(card))
     last: dict[str, Any] = max(rows, key=lambda r: r["round"]) if rows else {"round": 0, "global": {}}
     run_cfg = "final/run-config.json"
     return {
         "run": run_dir.resolve().name,
+        "trained": trained_description(cfg) if cfg else "not in the run folder",
         "task": (
             {"name": cfg.task, "labels": list(cfg.task_spec.labels)}
             if cfg
@@ -135,8 +191,16 @@ def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
             "round": int(last["round"]),
             "evaluation_set": EVALUATION_SET,
             "values": {k: v for k, v in last.get("global", {}).items() if v is not None},
+            "bands": {k: b.to_record() for k, b in (row_bands(last.get("global", {})) or {}).items()},
+            "release": release_description(last.get("global", {}).get("eval_noise")),
+            **({"exact": exact_last} if exact_last else {}),
         },
-        "sources": ["metrics.jsonl", *([run_cfg] if cfg else []), *(["final/README.md"] if card else [])],
+        "sources": [
+            "metrics.jsonl",
+            *([run_cfg] if cfg else []),
+            *(["final/README.md"] if card else []),
+            *([EXACT_FILE] if exact_last else []),
+        ],
     }
 
 
@@ -187,6 +251,36 @@ def provenance_markdown(record: dict[str, Any]) -> list[str]:
         "",
         f"Evaluation set: {record['metrics']['evaluation_set']}.",
         "",
-        *(f"- {k}: {_cell(v)}" for k, v in record["metrics"]["values"].items() if not isinstance(v, dict)),
+        record["metrics"].get("release", release_description(None)),
+        "",
+        *(f"- {line}" for line in describe_metrics(_with_bands(record["metrics"]), band95=True)),
+        *exact_markdown(record["metrics"].get("exact")),
     ]
     return lines
+
+
+def _with_bands(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The record's last-round values with its bands, as `describe_metrics` reads a row."""
+    values = {k: v for k, v in metrics["values"].items() if k not in ("bands", "noise_sd")}
+    return values | ({"bands": metrics["bands"]} if metrics.get("bands") else {})
+
+
+def exact_markdown(exact: dict[str, Any] | None) -> list[str]:
+    """The exact pooled metrics of a simulation's last round, labelled as such ([] for a deployment)."""
+    if not exact:
+        return []
+    cells = ", ".join(
+        f"{name} {exact[key]:.3f}"
+        for key, name in (
+            ("accuracy", "accuracy"),
+            ("macro_f1", "macro-F1"),
+            ("auc", "AUC"),
+            ("loss", "loss"),
+        )
+        if key in exact
+    )
+    return [
+        "",
+        f"Exact pooled metrics of round {exact['round']} (simulation only: its operator holds every "
+        f"merchant's local evaluation log, which a deployment never releases): {cells}.",
+    ]

@@ -278,8 +278,9 @@ def bands(
             continue
         sd = sds[key]
         reason = count_reason or (_class_reason(c, cell_sd, total) if key == "auc" else "")
-        if reason and sd is not None:
-            reason = f"noise sd {sd:.2f}; {reason}"
+        if reason:
+            if sd is not None and sd <= RANGES[key][1] - RANGES[key][0]:  # wider than the range: says nothing
+                reason = f"noise sd {sd:.2f}; {reason}"
         elif sd is not None and sd > MAX_SD:
             reason = f"noise sd {sd:.2f} > {MAX_SD:g}" + _more(total, total * sd / MAX_SD)
         out[key] = band_of(key, values.get(key), sd, reason=reason)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from server.export import model_card
@@ -151,3 +152,53 @@ def test_merchant_reports_its_ledger_parameters(tmp_path: Path) -> None:
         privacy_unit="session",
     )
     assert ledger_parameters(ledger) == {"accountant": "rdp", "privacy-unit": "session"}
+
+
+# ------------------------------------------ what was trained, and how the metrics were released
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"trainable": "head"}, "the classifier head only (a DP linear probe over the frozen backbone"),
+        (
+            {"trainable": "lora+head", "lora-r": 4},
+            "LoRA (rank 4, alpha 16, on query, value: A and B trained)",
+        ),
+        (
+            {"trainable": "lora+head", "lora-mode": "ffa"},
+            "FFA-LoRA (rank 8, alpha 16, on query, value: every A",
+        ),
+    ],
+)
+def test_card_says_what_was_trained(overrides: dict[str, Any], said: str) -> None:
+    card = model_card(RunConfig.parse(overrides), ROW, {})
+    assert f"Trained: {said}" in card
+
+
+def test_card_gives_each_metric_its_noise_band_and_the_release() -> None:
+    from server.metrics import with_noise
+    from shared.histograms import Histogram
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p1 = 1 / (1 + np.exp(-(rng.normal(0, 1, 400) + y)))
+    noisy = Histogram.of(y, np.stack([1 - p1, p1], axis=1)).noised(40.0, seed=1)
+    g = with_noise(noisy.metrics(), noisy, {"m1": 20.0, "m2": 20.0, "m3": 20.0, "m4": 20.0})
+    card = model_card(RunConfig(), {"round": 5, "global": g}, {})
+    assert "without noise" not in card
+    assert "released as noisy counts" in card and "m1 20, m2 20, m3 20, m4 20" in card
+    assert "noise sd 40 per pooled count" in card
+    assert "- AUC unreadable (" in card and "- accuracy unreadable (noise sd 0.56; " in card
+    assert "- macro-F1 unreadable (the held-out count" in card  # its sd (11) means nothing there
+    assert f"- examples unreadable (the held-out count {g['examples']} ± 277" in card
+    big = {"accuracy": 0.75, "examples": 9000}
+    big["bands"] = {"accuracy": {"value": 0.75, "sd": 0.01, "low": 0.73, "high": 0.77, "readable": True}}
+    big["eval_noise"] = {"per_count_sd": 20.0, "noise_multiplier": {"m1": 20.0}}
+    card = model_card(RunConfig(), {"round": 5, "global": big}, {})
+    assert "- accuracy 0.750 ± 0.010 (95% band 0.730 to 0.770)" in card and "- examples 9000" in card
+
+
+def test_card_without_noise_information_says_so() -> None:
+    card = model_card(RunConfig(), ROW, {})
+    assert "no noise band is given" in card and "- accuracy 0.750" in card and "- examples 40" in card
