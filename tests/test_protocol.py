@@ -1,4 +1,4 @@
-"""The round contract: every reply value declared, the README's table generated from the declarations,
+"""The round contract: every reply value declared, the privacy page's table generated from the declarations,
 and the codecs round-trip what they may carry and refuse what they may not."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch
 from shared import protocol
 from shared.protocol import Reason, Reply, Status
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
 
 
 def test_the_readme_table_is_generated_from_the_declarations() -> None:
     text = README.read_text(encoding="utf-8")
     found = re.search(r"<!-- released-values:start -->\n(.*?)\n<!-- released-values:end -->", text, re.S)
-    assert found, "README lacks the released-values markers"
+    assert found, "docs/privacy.md lacks the released-values markers"
     assert found.group(1) == protocol.released_values_table()
     assert "not covered" not in found.group(1).lower()
 
