@@ -9,7 +9,9 @@ less than a full pass, the oldest request waits at most `window_s` for company. 
 gave up (deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is
 `client.predict.score`, the function `fedbehavior predict` uses: texts are padded to the longest in
 the pass and pooling is masked, so a session's probabilities do not depend on what it was batched
-with, nor on how its request was cut.
+with, nor on how its request was cut. With `serve --runtime onnx|onnx-int8` the model in service carries
+an ONNX Runtime session (`Loaded.runner`, client.onnx_backbone) that computes the probabilities
+instead of the eager model.
 
 A request is scored by the model in service when it was queued (read from a `ModelSlot`); a reload
 replaces the slot's value only after the new model is fully loaded, so a request in progress finishes
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,16 +35,21 @@ from client.predict import Input, inputs_of, score
 from shared.schema import Event
 from shared.trained import Trained
 
+if TYPE_CHECKING:
+    from client.onnx_backbone import OnnxRunner
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """A model in service: the loaded model, where it came from, and its generation (1, 2, ...)."""
+    """A model in service: the loaded model, where it came from, its generation (1, 2, ...) and, for
+    an ONNX runtime, the session that scores in its place."""
 
     trained: Trained
     folder: str
     generation: int
+    runner: OnnxRunner | None = None
 
 
 class ModelSlot:
@@ -56,12 +63,14 @@ class ModelSlot:
     def current(self) -> Loaded:
         return self._loaded
 
-    def reload(self, load: Any) -> Loaded:
-        """Call `load(folder)` (returns a Trained) outside the scoring path, then swap it in."""
+    def reload(self, load: Callable[[str], Trained | tuple[Trained, OnnxRunner | None]]) -> Loaded:
+        """Call `load(folder)` (a Trained, or a Trained and its ONNX runner) outside the scoring path,
+        then swap it in."""
         with self._lock:
             old = self._loaded
-            trained = load(old.folder)
-            self._loaded = Loaded(trained, old.folder, old.generation + 1)
+            made = load(old.folder)
+            trained, runner = made if isinstance(made, tuple) else (made, None)
+            self._loaded = Loaded(trained, old.folder, old.generation + 1, runner)
             return self._loaded
 
 
@@ -98,7 +107,8 @@ class Pending:
 
 PRECISIONS = ("fp32", "bf16")
 """fp32: the scores of `fedbehavior predict`. bf16: matrix products in bfloat16 (torch.autocast),
-about twice as fast on a CPU with AVX512-BF16 / AMX, probabilities within about 1e-2 of fp32."""
+about twice as fast on a CPU with AVX512-BF16 / AMX, probabilities within about 1e-2 of fp32.
+The torch runtime's setting: an ONNX runtime ignores it (serve refuses the combination)."""
 
 
 def autocast(trained: Trained, precision: str) -> Any:
@@ -264,8 +274,11 @@ class Batcher:
         loaded = chunks[0][0].loaded  # one model for the whole pass (see _take)
         flat = [i for p, start, stop in chunks for i in p.inputs[start:stop]]
         try:
-            with autocast(loaded.trained, self.precision):
-                rows = score(loaded.trained, flat, batch_size=len(flat))
+            if loaded.runner is not None:
+                rows = score(loaded.trained, flat, batch_size=len(flat), runner=loaded.runner)
+            else:
+                with autocast(loaded.trained, self.precision):
+                    rows = score(loaded.trained, flat, batch_size=len(flat))
         except Exception as err:  # a failure answers every request of the pass, never hangs them
             log.exception("scoring a pass of %d sessions (%d requests) failed", len(flat), len(chunks))
             with self._cond:

@@ -22,11 +22,17 @@ request, --max-request-bytes per message, --max-streams-per-caller and --max-str
 --stream-idle-s before an idle stream is closed, --max-queue queued requests. A request is scored in
 chunks of --max-batch sessions, shared fairly with the other callers' requests. Health says
 NOT_SERVING for fedbehavior.v1.Scorer while more than --overload-sessions sessions are queued.
+
+Runtime: --runtime torch (default) scores with PyTorch; onnx with ONNX Runtime on the CPU (the same
+probabilities within 1e-4), onnx-int8 with int8 weights (within about 1e-2); both need
+pip install 'fedbehavior[onnx]', export the model when it is loaded (cached under
+$FEDBEHAVIOR_ONNX_CACHE, default ~/.cache/fedbehavior/onnx) and use --threads threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -63,6 +69,8 @@ def options_of(args: argparse.Namespace) -> Any:
         overrides=overrides,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
+        threads=args.threads,
         max_sessions=args.max_sessions,
         max_events=args.max_events,
         max_request_bytes=args.max_request_bytes,
@@ -91,10 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from client.serving.service import start_server
 
-    torch.set_num_threads(args.threads or default_threads())
+    threads = args.threads or default_threads()
+    options = dataclasses.replace(options_of(args), threads=threads)  # torch's and ONNX Runtime's
+    torch.set_num_threads(threads)
     # predict's per-call progress line would log every batch: one a few milliseconds
     logging.getLogger("client.predict").setLevel(logging.WARNING)
-    server = start_server(Path(args.model), options_of(args))
+    server = start_server(Path(args.model), options)
     print(
         f"serving {args.model} on {args.host}:{server.port} (pid: SIGHUP reloads, SIGTERM stops)", flush=True
     )
@@ -173,7 +183,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--overload-sessions", type=int, default=1024,
         help="queued sessions past which health says NOT_SERVING; 0: never (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch or ONNX Runtime threads (0: every core)"
+    )
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--behavior-map", action="append", default=[], metavar="NAME=BEHAVIOR")
     parser.add_argument("--strict", action="store_true", help="refuse behaviour names not in the map")
@@ -183,6 +195,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", default="fp32", choices=("fp32", "bf16"),
         help="fp32: predict's exact scores; bf16: about 2x faster on CPUs with bf16 units, within ~1e-2",
+    )  # fmt: skip
+    parser.add_argument(
+        "--runtime", default="torch", choices=("torch", "onnx", "onnx-int8"),
+        help="torch (default); onnx: ONNX Runtime on the CPU, same scores within 1e-4; onnx-int8: int8 "
+        "weights, within ~1e-2, fastest. Needs pip install 'fedbehavior[onnx]'",
     )  # fmt: skip
     parser.set_defaults(func=cmd_serve)
 

@@ -20,6 +20,9 @@
   so a load balancer drains the instance.
 - Hot reload (the Reload RPC, or SIGHUP to `fedbehavior serve`): the model folder is loaded again in
   full beside the one in service, then swapped in; a failed load keeps the old model (the log says why).
+- Runtime (--runtime): torch (eager, the default), onnx or onnx-int8 (ONNX Runtime on the CPU with
+  --threads threads, client.onnx_backbone): the graph is exported (or read from its cache) when the
+  model is loaded or reloaded, never on the scoring path.
 - Shutdown (`stop`, SIGTERM/SIGINT in the CLI): NOT_SERVING, refuse new RPCs, let those in flight
   finish within the grace period, then stop the batcher.
 """
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,6 +48,9 @@ from client.serving import scorer_pb2, scorer_pb2_grpc
 from client.serving.batcher import Batcher, Loaded, ModelSlot, Overloaded, Pending
 from client.serving.events import MAX_EVENTS, MAX_SESSIONS, EventReader, LimitError, RequestError
 from shared.trained import Trained, load_trained
+
+if TYPE_CHECKING:
+    from client.onnx_backbone import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,9 @@ class ServeOptions:
     overrides: Mapping[str, Any] = field(default_factory=dict)  # run-config keys, as for predict
     device: str = "cpu"
     precision: str = "fp32"  # or bf16: see client.serving.batcher.PRECISIONS
+    runtime: str = "torch"  # or onnx, onnx-int8: see client.onnx_backbone.RUNTIMES
+    threads: int = 0  # ONNX Runtime's intra-op threads (0: its default); torch's are set by the CLI
+    onnx_cache: Path | None = None  # exported graphs (None: client.onnx_backbone.cache_root())
     max_sessions: int = MAX_SESSIONS  # sessions (customer, session ids) per request
     max_events: int = MAX_EVENTS  # events per request
     max_request_bytes: int = 4 * 1024 * 1024  # one request message, serialized
@@ -85,6 +94,18 @@ class ServeOptions:
     tls_client_ca: Path | None = None  # mutual TLS: callers present a certificate this CA signed
 
     def __post_init__(self) -> None:
+        from client.onnx_backbone import check_runtime
+
+        check_runtime(self.runtime)  # a missing onnxruntime is named before the model loads
+        if self.runtime != "torch":
+            if self.device != "cpu":
+                raise ValueError(f"--runtime {self.runtime} runs on the CPU: drop --device {self.device} "
+                                 "or use --runtime torch")  # fmt: skip
+            if self.precision != "fp32":
+                raise ValueError(f"--precision {self.precision} is a torch setting: with --runtime "
+                                 f"{self.runtime} drop it (onnx-int8 is ONNX's faster one)")  # fmt: skip
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (PEM files), or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -382,7 +403,8 @@ class ScoringServer:
 
     def __init__(self, folder: Path, options: ServeOptions, load: Callable[[str], Trained]) -> None:
         self.options, self._load = options, load
-        self.slot = ModelSlot(Loaded(load(str(folder)), str(folder), 1))
+        trained, runner = self._open(str(folder))
+        self.slot = ModelSlot(Loaded(trained, str(folder), 1, runner))
         token = None if options.token_file is None else read_token(options.token_file)
         reader = EventReader(
             options.behavior_map,
@@ -417,6 +439,21 @@ class ScoringServer:
         reflection.enable_server_reflection(names, self.server)
         self._stopped = threading.Event()
         self.port = self._bind(f"{options.host}:{options.port}")
+
+    def _open(self, path: str) -> tuple[Trained, OnnxRunner | None]:
+        """The model of `path` and, for an ONNX runtime, its session (exported or read from the cache)."""
+        trained = self._load(path)
+        if self.options.runtime == "torch":
+            return trained, None
+        from client.onnx_backbone import onnx_runner
+
+        runner = onnx_runner(
+            trained.model,
+            self.options.runtime,
+            threads=self.options.threads,
+            cache_dir=self.options.onnx_cache,
+        )
+        return trained, runner
 
     def _overloaded(self, overloaded: bool) -> None:
         """Health of the Scorer service follows the queue (ignored once a shutdown started)."""
@@ -457,14 +494,14 @@ class ScoringServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         loaded = self.slot.current
         log.info(
-            "serving %s (%s, task %s) on %s:%d", loaded.folder, loaded.trained.kind,
-            loaded.trained.task.name, self.options.host, self.port,
+            "serving %s (%s, task %s, runtime %s) on %s:%d", loaded.folder, loaded.trained.kind,
+            loaded.trained.task.name, self.options.runtime, self.options.host, self.port,
         )  # fmt: skip
         return self
 
     def reload(self) -> Loaded:
         """Load the model folder again and swap it in (the old one serves until the swap)."""
-        loaded = self.slot.reload(self._load)
+        loaded = self.slot.reload(self._open)
         log.info(
             "reloaded %s: generation %d, task %s", loaded.folder, loaded.generation, loaded.trained.task.name
         )
