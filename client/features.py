@@ -9,10 +9,15 @@ and Opacus computes the head's per-example gradients from those features. The me
 (same sampling, clipping and noise, `client.customer_dp`), so the ledger's charge is unchanged; only
 the cost of an epoch falls from a BERT forward + backward per example to a matrix product, which is
 what makes several local epochs affordable on a CPU.
+
+Within a run (and across runs) the backbone does not change either, so the merchant's feature cache
+(`client.feature_cache`) keeps each text's features on its disk: a later round computes only the
+texts it has not seen.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +25,10 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 if TYPE_CHECKING:
+    from client.feature_cache import FeatureCache, FeatureSpace
     from client.train import Encoded
+
+log = logging.getLogger(__name__)
 
 HEAD_NAME = "classifier"  # BERT's sequence-classification head (PEFT wraps it, keeping the name)
 
@@ -68,25 +76,82 @@ def head_module(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @torch.no_grad()
 def head_inputs(
-    model: torch.nn.Module, head: torch.nn.Module, data: Encoded, *, device: torch.device, chunk: int
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    data: Encoded,
+    *,
+    device: torch.device,
+    chunk: int,
+    cache: FeatureCache | None = None,
 ) -> Features:
     """Run `model` once over `data` (eval mode, `chunk` examples at a time) and keep what `head`
-    receives: the pooled embedding whatever the pooling (mean, unit-length mean, [CLS])."""
+    receives: the pooled embedding whatever the pooling (mean, unit-length mean, [CLS]).
+
+    With a `cache` (`client.feature_cache`), rows whose features it holds for this exact backbone,
+    pooling, max length and token ids are read from it, the backbone runs over the others only (in
+    their order, `chunk` at a time) and their features are stored. A hit is the tensor an earlier
+    forward pass computed; when nothing hits, the passes are exactly those made without a cache. A
+    cache that cannot be read or written is skipped (logged): it never fails a round."""
+    if cache is None or not cache.enabled or len(data) == 0:
+        return Features(_backbone_features(model, head, data, None, device=device, chunk=chunk), data.labels)
+    try:
+        space = cache.space(model, head, max_length=int(data.input_ids.shape[1]), device=device)
+        keys = space.keys(data)
+        hit_rows, hit_values = space.lookup(keys)
+    except Exception as err:  # the cache is an optimisation: a broken one is bypassed, never trusted
+        log.warning("feature cache unavailable, computing every feature: %s: %s", type(err).__name__, err)
+        return Features(_backbone_features(model, head, data, None, device=device, chunk=chunk), data.labels)
+    if hit_values is None:
+        values = _backbone_features(model, head, data, None, device=device, chunk=chunk)
+        _store(space, keys, values)
+        return Features(values, data.labels)
+    missing = torch.ones(len(data), dtype=torch.bool)
+    missing[hit_rows] = False
+    miss_rows = torch.nonzero(missing).flatten()
+    values = torch.empty((len(data), hit_values.shape[1]), dtype=hit_values.dtype)
+    values[hit_rows] = hit_values
+    if len(miss_rows):
+        computed = _backbone_features(model, head, data, miss_rows, device=device, chunk=chunk)
+        values[miss_rows] = computed.to(values.dtype)
+        _store(space, [keys[i] for i in miss_rows.tolist()], computed)
+    log.debug("feature cache: %d of %d rows hit", len(hit_rows), len(data))
+    return Features(values, data.labels)
+
+
+def _store(space: FeatureSpace, keys: list[bytes], values: torch.Tensor) -> None:
+    try:
+        space.store(keys, values)
+    except Exception as err:  # a full disk must not fail the round: the features are in hand
+        log.warning("feature cache: could not store %d rows: %s: %s", len(keys), type(err).__name__, err)
+
+
+def _backbone_features(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    data: Encoded,
+    rows: torch.Tensor | None,
+    *,
+    device: torch.device,
+    chunk: int,
+) -> torch.Tensor:
+    """What `head` receives for `rows` of `data` (None: all of them), `chunk` rows per forward pass."""
     captured: list[torch.Tensor] = []
 
     def keep(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         captured.append(args[0].detach().cpu())
 
+    count = len(data) if rows is None else len(rows)
     handle = head.register_forward_pre_hook(keep)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(data), chunk):
-            model(**data.inputs(slice(start, start + chunk), device))
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk) if rows is None else rows[start : start + chunk]
+            model(**data.inputs(part, device))
     finally:
         handle.remove()
         model.train(was_training)
     if not captured:  # no examples: the steps still run (noise only), on an empty feature matrix
         width = next((m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear)), 0)
-        return Features(torch.zeros((0, width)), data.labels)
-    return Features(torch.cat(captured), data.labels)
+        return torch.zeros((0, width))
+    return torch.cat(captured)

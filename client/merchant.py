@@ -26,6 +26,7 @@ from client.baseline import baseline_probabilities
 from client.budget import Budget, Refusal, RunRecord
 from client.data import Encoder, MerchantData, load_merchant_data
 from client.evaluation import HeldOut, exact_metrics, log_locally, noisy_histograms
+from client.feature_cache import FeatureCache, open_cache
 from client.global_model import save_global
 from client.settings import MerchantSettings
 from client.train import DPSettings, TrainSettings, customer_groups, predict, train_dp
@@ -126,6 +127,11 @@ def _model(settings: MerchantSettings, cfg: RunConfig) -> tuple[torch.nn.Module,
     return model, cached_encoder(backbone, cfg.max_length), device
 
 
+def feature_cache(settings: MerchantSettings) -> FeatureCache | None:
+    """The merchant's head-mode feature cache (its private state; None when feature-cache-mb is 0)."""
+    return open_cache(settings.feature_cache_dir, settings.feature_cache_mb)
+
+
 def _data(settings: MerchantSettings, cfg: RunConfig) -> MerchantData:
     return cached_data(
         settings.data_dir,
@@ -220,6 +226,7 @@ def train_round(
         device=device,
         groups=customer_groups([c.customer_id for c in chosen]),
         seed=seed,
+        feature_cache=feature_cache(settings),
     )
     if (result.sample_rate, result.steps) != (plan.sample_rate, plan.steps):  # a bug, never data
         raise RuntimeError(f"DP-SGD ran {result} but the ledger was charged for {plan}")
@@ -342,7 +349,13 @@ def evaluate_round(
     keep_global(settings, model, cfg, run_id=run_id, server_round=server_round)
     data = _data(settings, cfg)  # private from here on
     held_out = data.evaluation()
-    probs, _ = predict(model, encoder.encode(held_out), batch_size=max(cfg.batch_size, 64), device=device)
+    probs, _ = predict(
+        model,
+        encoder.encode(held_out),
+        batch_size=max(cfg.batch_size, 64),
+        device=device,
+        feature_cache=feature_cache(settings),
+    )
     labels = np.asarray([c.label for c in held_out], dtype=np.int64)
     results = {MODEL: HeldOut(labels, probs)}
     private: dict[str, HeldOut] = {}  # for the merchant's own log only

@@ -134,11 +134,22 @@ class MerchantSettings(FileSettings):
     )
     policy: RunPolicy = RunPolicy()
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    feature_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="disk bound (MiB) of the head-mode feature cache in <state-dir>/feature-cache: the "
+        "frozen backbone's embedding of every text already seen, so later rounds and runs skip its forward "
+        "pass (least recently used evicted first; private, never sent; 0 = off)",
+    )
     daemon: DaemonSettings = DaemonSettings()
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "privacy-ledger.json"
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return self.state_dir / "feature-cache"
 
     def open_ledger(self, privacy_unit: str = "customer") -> Ledger:
         """The merchant's ledger with its own budget settings (never the coordinator's)."""

@@ -14,6 +14,7 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from client.features import Features, HeadOnFeatures, head_inputs, head_module
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 from shared.model import trainable_parameters
 from shared.progress import progress
+
+if TYPE_CHECKING:
+    from client.feature_cache import FeatureCache
 
 # transformers 5 deprecates a property that PEFT still reads when wrapping a model; nothing to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -128,12 +132,14 @@ def train_dp(
     device: torch.device,
     groups: torch.Tensor | None = None,
     seed: int | None = None,
+    feature_cache: FeatureCache | None = None,
 ) -> TrainResult:
     """Fine-tune the trainable parameters of `model` in place with customer-level DP-SGD.
 
     When only the head is trained (`trainable=head`) and `settings.frozen_features`, the backbone
     runs once over `data` and the steps train the head on those features (`client.features`): the
-    same mechanism, without a BERT pass per step.
+    same mechanism, without a BERT pass per step. With a `feature_cache` (the merchant's own,
+    `client.feature_cache`), it runs only over the examples whose features are not cached yet.
 
     `groups[i]` is the customer (0 … N-1) of example i; None means one customer per example, i.e.
     per-example DP-SGD. `seed` is for tests only: in production the sampling and the noise come from a
@@ -148,7 +154,9 @@ def train_dp(
     head = head_module(model) if settings.frozen_features else None
     steps_on: Encoded | Features = data
     if head is not None:  # a linear probe: the frozen backbone's features, computed once
-        steps_on = head_inputs(model, head, data, device=device, chunk=settings.max_physical_batch)
+        steps_on = head_inputs(
+            model, head, data, device=device, chunk=settings.max_physical_batch, cache=feature_cache
+        )
     model.train()  # evaluation switched it off; the grad samplers need activations recorded
     sampler_model = GradSampleModule(
         model if head is None else HeadOnFeatures(head), loss_reduction="sum", batch_first=True
@@ -249,14 +257,28 @@ class DPStep:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, data: Encoded, *, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    batch_size: int,
+    device: torch.device,
+    feature_cache: FeatureCache | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Class probabilities for every example, and the mean cross-entropy loss."""
+    """Class probabilities for every example, and the mean cross-entropy loss.
+
+    With a `feature_cache` and a head-only model, the head scores the (cached or computed) frozen
+    features: the same logits as the whole model's, without a backbone pass for cached texts."""
+    head = head_module(model) if feature_cache is not None else None
+    scorer: torch.nn.Module = model
+    rows: Encoded | Features = data
+    if head is not None:
+        rows = head_inputs(model, head, data, device=device, chunk=batch_size, cache=feature_cache)
+        scorer = HeadOnFeatures(head)
     model.eval()
     probs, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
-        logits = contained(model(**data.inputs(sl, device)).logits.float())
+        logits = contained(scorer(**rows.inputs(sl, device)).logits.float())
         labels = data.labels[sl].to(device)
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
