@@ -82,8 +82,10 @@ class RunConfig(BaseModel):
     )
     eval_cutoff: str = Field(
         "",
-        description="eval-split=time: public ISO date/time; training sessions end before it, "
-        "held-out customers' sessions start at or after it (never a quantile of private data)",
+        description="eval-split=time (required there): a public ISO date or date-time (2026-02-01, "
+        "2017-12-02T00:00+08:00; no zone = UTC); training sessions end before it, held-out customers' "
+        "sessions start at or after it. Never a quantile of private session times, so adding a customer "
+        "changes no other customer's examples",
     )
     category_labels: str = Field(
         ",".join(DEFAULT_CATEGORIES),
@@ -155,7 +157,9 @@ class RunConfig(BaseModel):
     pooling: str = Field(
         "mean-l2",
         pattern="^(mean-l2|mean|cls)$",
-        description="head input: unit-length masked mean (default), raw masked mean, or [CLS]",
+        description="head input: mean-l2 = the attention-masked mean of the last hidden states scaled to "
+        "unit length (the sentence embedding MiniLM is trained for); mean = the raw masked mean; cls = "
+        "BERT's pooled [CLS]",
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
@@ -188,7 +192,12 @@ class RunConfig(BaseModel):
     server_learning_rate: float = Field(0.0, ge=0.0, description="0 = the server optimizer's default")
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm's β, fedadam's β1")
     examples_per_customer: int = Field(
-        4, ge=1, le=64, description="sessions of a sampled customer summed into its one clipped gradient"
+        4,
+        ge=1,
+        le=64,
+        description="customer-level DP-SGD: a sampled customer contributes up to this many of its "
+        "sessions, summed into one gradient clipped to max-grad-norm (the privacy unit stays one customer; "
+        "1 = per-example DP-SGD)",
     )
     trainable: str = Field(
         "head",
