@@ -7,31 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from client.ingest.formats import FORMATS
-from client.ingest.schema import IngestError
-
 _PAIR = re.compile(r"\s*(?P<key>[^=:→]+?)\s*(?:=|->|→|:)\s*(?P<value>.+?)\s*$")
-
-EPILOG = """examples:
-  fedbehavior merchant ingest UserBehavior.csv --format taobao --out merchant-1
-  fedbehavior merchant ingest events.csv --format retailrocket --categories item_properties_part1.csv --out m2
-  fedbehavior merchant ingest yoochoose-data/ --format yoochoose --out m3
-  fedbehavior merchant ingest export.csv --format csv --out m4 \\
-      --map customer_id=user,timestamp=event_time,behavior=event,item_id=sku \\
-      --behavior-map product_view=view,add_to_cart=cart,purchase=buy
-  fedbehavior merchant ingest export.csv.gz --format csv --out m5 \\
-      --map customer_id=user_id,session_id=session_id,timestamp=timestamp,behavior=event \\
-      --behavior-map product_view=view,add_to_cart=cart,shipping_details=cart,purchase=buy \\
-      --attribute platform,user_lifecycle
-
-Event names that --behavior-map does not map are kept with role `other` (their own name goes into the
-text) and counted in the report; --strict quarantines them instead. CSV and JSON Lines may be .gz,
-.bz2 or .zst.
-"""
 
 
 def parse_pairs(items: list[str] | str, what: str) -> dict[str, str]:
     """`a=b,c=d` (also `a->b`, `a→b`, `a:b`; repeated options add up) as a dict."""
+    from client.ingest.schema import IngestError
+
     texts = [items] if isinstance(items, str) else items
     out: dict[str, str] = {}
     for text in texts:
@@ -44,68 +26,12 @@ def parse_pairs(items: list[str] | str, what: str) -> dict[str, str]:
 
 
 def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `ingest` on an argparse subparsers object (e.g. the `merchant` command's)."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "ingest",
-        help="ingest a shop export into a validated local Parquet store",
-        description="Read a behaviour export (Taobao, RetailRocket, YooChoose or any CSV/Parquet/JSONL), "
-        "validate it, quarantine bad rows with their row number and reason, cut sessions, and write "
-        "<out>/store/part-*.parquet, <out>/quarantine.parquet and <out>/ingest-report.json. "
-        "The source file is only read.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "source", type=Path, help="the export file (YooChoose: the clicks file or its folder)"
-    )
-    parser.add_argument("--format", "-f", dest="fmt", required=True, choices=FORMATS, help="source format")
-    parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
-    parser.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="FIELD=COLUMN",
-        help="csv/parquet/jsonl: store field <- source column, comma-separated or repeated "
-        "(fields: customer_id, session_id, timestamp, behavior, item_id, category, price, query, title)",
-    )
-    parser.add_argument(
-        "--behavior-map",
-        action="append",
-        default=[],
-        metavar="NAME=BEHAVIOR",
-        help="the shop's behaviour names, e.g. product_view=view,add_to_cart=cart,purchase=buy",
-    )
-    parser.add_argument(
-        "--attribute",
-        action="append",
-        default=[],
-        metavar="COLUMN[,COLUMN]",
-        help="csv/parquet/jsonl: customer or session attribute columns kept for the text (platform, ...)",
-    )
-    parser.add_argument(
-        "--strict",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="quarantine event names --behavior-map does not map (default: on for taobao, retailrocket, "
-        "yoochoose; off for csv/parquet/jsonl, where they get role `other`)",
-    )
-    parser.add_argument("--categories", help="retailrocket: itemid,categoryid CSV or item_properties files")
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        metavar="FILE",
-        help="the merchant's own labels for task customer-label (CSV: customer_id,label or "
-        "customer_id,session_id,label), copied beside the store; rows are checked when training",
-    )
-    parser.add_argument("--session-gap", type=int, default=1800, metavar="SECONDS", help="inactivity gap")
-    parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per batch (memory bound)")
-    parser.add_argument(
-        "--replace-smaller",
-        action="store_true",
-        help="replace an existing store even when the new export has fewer good rows (default: refuse)",
-    )
-    parser.set_defaults(func=cmd_ingest)
-    return parser
+    """Register `ingest` on an argparse subparsers object (e.g. the `merchant` command's).
+
+    The flags live in `client.cli` (which imports no pyarrow, so `fedbehavior --help` stays fast)."""
+    from client.cli import add_ingest_cli as add
+
+    return add(subparsers)
 
 
 def copy_labels(source: Path, out_dir: Path) -> Path:
