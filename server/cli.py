@@ -1,9 +1,15 @@
 """The coordinator's commands: `fedbehavior coordinator …` (start the SuperLink, register merchants,
-launch and follow runs), `fedbehavior export` and `fedbehavior report`."""
+launch runs, list them and read their rounds, export and report). `fedbehavior export` and
+`fedbehavior report` are kept as the older spellings of `coordinator export` and `coordinator report`.
+
+`--home DIR` (the coordinator's folder) goes before or after the subcommand: `coordinator --home DIR
+start` and `coordinator start --home DIR` are the same. Importing this module imports argparse-level
+modules only: every command imports what it needs when it runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,7 +20,8 @@ from typing import Any
 def _home(args: argparse.Namespace, **flags: Any) -> Any:
     from server.deploy import CoordinatorHome
 
-    return CoordinatorHome.open(Path(args.home) if args.home else None, **flags)
+    home = getattr(args, "home", "")
+    return CoordinatorHome.open(Path(home) if home else None, **flags)
 
 
 def cmd_dev_certs(args: argparse.Namespace) -> int:
@@ -45,7 +52,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"app {home.app} → {out} ({len(content)} bytes)")
     print(f"  sha256 {digest}")
     print("  give this file to every merchant; each reviews it and runs:")
-    print(f"  fedbehavior merchant trust {out.name} --merchant-dir <merchant folder>")
+    print(f"  fedbehavior merchant trust <merchant folder> {out.name}")
     print("  runs are refused by any merchant that has not approved exactly these bytes")
     return 0
 
@@ -92,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     verb = "resumed" if args.resume else "submitted"
     print(f"run {launch.name} {verb} (flower run {launch.run_id}); folder: {launch.run_dir}")
     if not args.wait:
-        print("follow it with: fedbehavior coordinator status")
+        print(f"follow it with: fedbehavior coordinator log {launch.name} --follow")
         return 0
     status = home.wait(launch, timeout=args.timeout)
     print(json.dumps(run_summary(launch.run_dir), indent=2))
@@ -142,35 +149,157 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_coordinator_cli(sub: Any) -> None:
-    coord = sub.add_parser("coordinator", help="run the coordinator (Flower SuperLink) and launch runs")
-    coord.add_argument(
-        "--home", default="", help="coordinator folder (default $FEDBEHAVIOR_HOME or ~/.fedbehavior)"
-    )
-    csub = coord.add_subparsers(dest="coordinator_command", required=True)
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the run folders: name, start, status, rounds, last metrics."""
+    from server.runs import list_runs, runs_folder, runs_table
 
-    certs = csub.add_parser("dev-certs", help="DEVELOPMENT ONLY: a CA and SuperLink certificate")
+    folder = Path(args.runs_dir).expanduser().resolve() if args.runs_dir else runs_folder(_home_arg(args))
+    runs = list_runs(folder)
+    if args.last:
+        runs = runs[-args.last :]
+    if args.json:
+        print(json.dumps([r.to_json() for r in runs], indent=2, ensure_ascii=False))
+        return 0
+    if not runs:
+        print(f"no runs in {folder}")
+        return 0
+    print("\n".join(runs_table(runs)))
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """A run's rounds (the console table or the JSON rows); with --follow, new rounds as they come."""
+    from server.runs import follow, print_log, resolve_run
+
+    run_dir = resolve_run(args.run, _home_arg(args))
+    if not args.follow:
+        print_log(run_dir, sys.stdout, as_json=args.json)
+        return 0
+    try:
+        for _ in follow(run_dir, sys.stdout, as_json=args.json, interval=args.interval):
+            pass
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _home_arg(args: argparse.Namespace) -> str:
+    return str(getattr(args, "home", "") or "")
+
+
+def _run_dir_of(args: argparse.Namespace) -> None:
+    """`RUN` of export and report: a run folder, or a run's name in the coordinator's runs folder."""
+    from server.runs import resolve_run
+
+    with contextlib.suppress(FileNotFoundError):  # the command names the missing folder itself
+        args.run_dir = str(resolve_run(args.run_dir, _home_arg(args)))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from server.hf_export import cmd_export as export
+
+    _run_dir_of(args)
+    return int(export(args))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from server.report import cmd_report as report
+
+    _run_dir_of(args)
+    return int(report(args))
+
+
+TENSORBOARD_HELP = (
+    "also write TensorBoard scalars to runs/<name>/report/tensorboard/ "
+    "(pip install 'fedbehavior[tensorboard]')"
+)
+
+
+def add_run_output_cli(subparsers: Any, *, listed: bool = True, parents: list[Any] | None = None) -> None:
+    """`export` and `report` on `subparsers`; `listed=False` keeps them out of `--help` (the old
+    top-level spellings `fedbehavior export` / `fedbehavior report`, which keep working)."""
+    extra: dict[str, Any] = {"parents": parents or []}
+    run_help = "the run folder (runs/<name>)" + (", or a run's name in the runs folder" if listed else "")
+    export = subparsers.add_parser(
+        "export",
+        **({"help": "export a run's model for plain transformers, with a DP model card"} if listed else {}),
+        description="Export a run's final/ model for plain transformers (merged, or the PEFT adapter), "
+        "with a model card and privacy.json.",
+        **extra,
+    )
+    export.add_argument("run_dir", metavar="RUN", help=run_help)
+    export.add_argument("--out", required=True, help="new or empty folder for the export")
+    export.add_argument(
+        "--adapter-only", action="store_true", help="keep the PEFT adapter folder instead of merging"
+    )
+    export.set_defaults(func=cmd_export)
+
+    report = subparsers.add_parser(
+        "report",
+        **({"help": "plots and an HTML page of a run (runs/<name>/report/)"} if listed else {}),
+        description="Plots and an HTML page of a run, written to runs/<name>/report/.",
+        **extra,
+    )
+    report.add_argument("run_dir", metavar="RUN", help=run_help)
+    report.add_argument("--tensorboard", action="store_true", help=TENSORBOARD_HELP)
+    report.set_defaults(func=cmd_report)
+
+
+def home_parser() -> argparse.ArgumentParser:
+    """`--home`, given to the `coordinator` group and to each of its commands: it may stand before or
+    after the subcommand (SUPPRESS: a command's parser leaves the group's value alone when not given)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="coordinator folder (default: $FEDBEHAVIOR_HOME or ~/.fedbehavior)",
+    )
+    return common
+
+
+def add_coordinator_cli(sub: Any) -> None:
+    common = home_parser()
+    coord = sub.add_parser(
+        "coordinator",
+        parents=[common],
+        help="the coordinator: the SuperLink, merchants, runs, their logs, exports and reports",
+        description="The coordinator's commands. --home DIR may stand before or after the command.",
+    )
+    csub = coord.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = csub.add_parser(name, help=text, parents=[common], **kwargs)
+        return parser
+
+    certs = command("dev-certs", "DEVELOPMENT ONLY: a CA and SuperLink certificate")
     certs.add_argument("--host", action="append", default=[], help="name or IP merchants dial (repeatable)")
     certs.add_argument("--out", default="", help="folder (default <home>/certs)")
     certs.set_defaults(func=cmd_dev_certs)
 
-    build = csub.add_parser("build", help="pack the app runs submit into a .fab for merchants to approve")
+    build = command("build", "pack the app runs submit into a .fab for merchants to approve")
     build.add_argument("--out", default="", help="file to write (default ./fedbehavior.<hash>.fab)")
     build.set_defaults(func=cmd_build)
 
-    start = csub.add_parser("start", help="start the SuperLink (TLS + merchant authentication)")
+    start = command("start", "start the SuperLink (TLS + merchant authentication)")
     start.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated: development only")
-    start.add_argument("--host", default=None, help="interface to listen on (default 0.0.0.0)")
-    start.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    start.add_argument(
+        "--host",
+        default=None,
+        help="interface to listen on (default: host in coordinator.toml, else 0.0.0.0)",
+    )
+    start.add_argument(
+        "--port", type=int, default=None, help="port (default: port in coordinator.toml, else 8000)"
+    )
     start.add_argument("--foreground", action="store_true", help="run in this process (systemd, containers)")
     start.set_defaults(func=cmd_start)
 
-    reg = csub.add_parser("register", help="allow a merchant's public key (keys/supernode.pub) to connect")
-    reg.add_argument("public_key")
+    reg = command("register", "allow a merchant's public key (keys/supernode.pub) to connect")
+    reg.add_argument("public_key", help="the merchant's keys/supernode.pub")
     reg.add_argument("--name", default="", help="a label for the merchant")
     reg.set_defaults(func=cmd_register)
 
-    run = csub.add_parser("run", help="launch a training run on the connected merchants")
+    run = command("run", "launch a training run on the connected merchants")
     run.add_argument("--name", default="", help="run name (default run-<time>)")
     run.add_argument("--resume", default="", metavar="RUN", help="continue RUN from its last checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
@@ -178,21 +307,49 @@ def add_coordinator_cli(sub: Any) -> None:
     run.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
     run.set_defaults(func=cmd_run)
 
-    status = csub.add_parser("status", help="merchants, runs, rounds, each merchant's status and epsilon")
-    status.add_argument("--json", action="store_true")
+    status = command("status", "the SuperLink, merchants, runs, rounds, each merchant's status and ε")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--last", type=int, default=5, help="how many recent runs to show")
     status.set_defaults(func=cmd_status)
 
-    stop = csub.add_parser("stop", help="stop the SuperLink (or, with --run, one run)")
+    runs = command(
+        "runs",
+        "list the runs: name, start, status, rounds done, last metrics (from the run folders)",
+        description="List the run folders of the coordinator's runs folder (or --runs-dir): each run's "
+        "name, start, status, rounds done of those planned, largest ε and last pooled metrics "
+        "(± the DP noise's standard deviation). Reads the folders only; `coordinator status` asks "
+        "the SuperLink. Status: failed (failure.json), finished (final/), unfinished (rounds written: "
+        "running, or stopped), submitted (launched, no round yet).",
+    )
+    runs.add_argument(
+        "--runs-dir", default="", metavar="DIR", help="list this folder instead (e.g. a simulation's runs/)"
+    )
+    runs.add_argument("--last", type=int, default=0, help="only the latest N runs (0: all)")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    runs.set_defaults(func=cmd_runs)
+
+    log = command(
+        "log",
+        "a run's rounds (metrics.jsonl as the console table), and how it ended",
+        description="Print a run's rounds from its metrics.jsonl, as the coordinator's console showed "
+        "them, then how it ended (failure.json's reason, or final/). RUN is a run's name in the runs "
+        "folder or a run folder's path (a simulation's runs/<name> too).",
+    )
+    log.add_argument("run", metavar="RUN", help="a run's name, or a run folder")
+    log.add_argument("--follow", "-f", action="store_true", help="keep printing rounds until the run ends")
+    log.add_argument("--interval", type=float, default=2.0, help="seconds between looks with --follow")
+    log.add_argument("--json", action="store_true", help="the rows as JSON lines")
+    log.set_defaults(func=cmd_log)
+
+    stop = command("stop", "stop the SuperLink (or, with --run, one run)")
     stop.add_argument("--run", default="", help="stop this run only")
     stop.set_defaults(func=cmd_stop)
 
+    add_run_output_cli(csub, parents=[common])
+
 
 def register(sub: Any) -> None:
-    """Add the coordinator's commands to the top-level subparsers: `coordinator`, `export`, `report`."""
-    from server.hf_export import add_export_cli
-    from server.report import add_report_cli
-
+    """Add the coordinator's commands to the top-level subparsers: the `coordinator` group; `export`
+    and `report` also at the top, unlisted, as they were first spelled."""
     add_coordinator_cli(sub)
-    add_export_cli(sub)
-    add_report_cli(sub)
+    add_run_output_cli(sub, listed=False)
