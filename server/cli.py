@@ -99,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     verb = "resumed" if args.resume else "submitted"
     print(f"run {launch.name} {verb} (flower run {launch.run_id}); folder: {launch.run_dir}")
     if not args.wait:
-        print(f"follow it with: fedbehavior coordinator log {launch.name} --follow")
+        where = f" --home {home.folder}" if _home_arg(args) else ""
+        print(f"follow it with: fedbehavior coordinator log {launch.name}{where} --follow")
         return 0
     status = home.wait(launch, timeout=args.timeout)
     print(json.dumps(run_summary(launch.run_dir), indent=2))
