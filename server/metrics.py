@@ -188,7 +188,9 @@ def describe_metrics(metrics: Mapping[str, Any], *, band95: bool = False) -> lis
 def _cell(key: str, value: Any, band: Band | None, width: int, digits: int = 3) -> str:
     if band is None:
         return _fmt(value, width, digits)
-    if not band.readable or band.value is None or band.sd is None:
+    if key == "examples" and band.value is not None and band.sd is not None:
+        pass  # a count with its noise sd says itself how much it is worth: "392 ±277"
+    elif not band.readable or band.value is None or band.sd is None:
         return f"{'unreadable':>{width}}"
     return f"{f'{band.value:.{digits}f} ±{band.sd:.{digits}f}':>{width}}"
 

@@ -8,6 +8,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +131,97 @@ def test_epsilon_of_a_round_is_the_one_after_its_evaluation() -> None:
     got = {(tag, step): value for tag, value, step in tensorboard_scalars(rows)}
     assert (got[("epsilon/m1", 1)], got[("epsilon/m1", 2)], got[("epsilon/m2", 2)]) == (2.5, 4.2, 3.0)
     assert ("bytes_up/total", 0) not in got  # round 0 only evaluates
+
+
+# ------------------------------------------ noisy metrics: own axes, bands, unreadable, the exact view
+
+
+def noisy_rows(customers: int, sigma: float = 20.0, merchants: int = 4) -> list[dict[str, Any]]:
+    """Rows whose `global` is pooled from noisy histograms (as the coordinator writes them)."""
+    import numpy as np
+
+    from server.metrics import pool_evaluations
+    from shared.histograms import Histogram
+
+    rows = []
+    for r in range(3):
+        reports = {}
+        for m in range(merchants):
+            rng = np.random.default_rng(10 * r + m)
+            y = (rng.random(customers) < 0.3).astype(int)
+            p1 = 1 / (1 + np.exp(-(rng.normal(0, 1, customers) + (0.5 + r) * y - 1.5)))
+            exact = Histogram.of(y, np.stack([1 - p1, p1], axis=1))
+            reports[f"m{m}"] = {"model": exact.noised(sigma, seed=r * 10 + m).to_values()}
+        pooled, _ = pool_evaluations(reports, 2, noise=dict.fromkeys(reports, sigma))
+        rows.append({"round": r, "time_s": float(r), "global": pooled, "merchants": {}})
+    return rows
+
+
+EXACT = [
+    {"round": r, "merchants": 4, "model": {"auc": 0.6 + 0.1 * r, "accuracy": 0.7, "loss": 0.5}}
+    for r in range(3)
+]
+
+
+def test_each_metric_on_its_own_axis_with_its_band_and_the_exact_view() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from server.report import plot_metrics
+
+    fig = plt.figure()
+    axes = plot_metrics(noisy_rows(5000), fig, EXACT)
+    assert [ax.get_title() for ax in axes] == ["accuracy", "macro-F1", "AUC", "loss"]
+    auc = axes[2]
+    labels = [t.get_text() for t in auc.get_legend().get_texts()]
+    assert sorted(labels) == ["95% noise band", "exact (simulation only)", "federated (noisy counts)"]
+    exact_line = next(line for line in auc.get_lines() if line.get_label() == "exact (simulation only)")
+    assert list(exact_line.get_ydata()) == pytest.approx([0.6, 0.7, 0.8])
+    assert auc.get_ylim() == (0.0, 1.0)
+    plt.close(fig)
+
+    fig = plt.figure()
+    axes = plot_metrics(noisy_rows(100), fig)  # the demo's scale: the noise swamps every metric
+    for ax in axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["95% noise band", "unreadable: the noise swamps it"]  # no value drawn as a result
+    plt.close(fig)
+
+
+def test_coinciding_epsilon_lines_stay_visible() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics_rows()
+    for row in rows[1:]:
+        row["merchants"]["m2"] = dict(row["merchants"]["m1"])  # the same epsilons every round
+    _, ax = plt.subplots()
+    plot_epsilon(rows, ax)
+    m1, m2 = (next(line for line in ax.get_lines() if line.get_label() == n) for n in ("m1", "m2"))
+    assert list(m1.get_ydata()) == list(m2.get_ydata())
+    assert m1.get_marker() != m2.get_marker() and m1.get_linestyle() != m2.get_linestyle()
+    assert all(a != b for a, b in zip(m1.get_xdata(), m2.get_xdata(), strict=True))  # shifted apart
+    assert all(abs(x - round(x)) < 0.1 for x in m1.get_xdata())  # but still at their rounds
+    plt.close("all")
+
+
+def test_page_reads_noisy_metrics_plainly(tmp_path: Path) -> None:
+    rows = noisy_rows(100)
+    rows[-1]["global"]["auc"] = 1.0  # a clipped value is never shown as a result
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "exact-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EXACT))
+    page = build_report(run).read_text(encoding="utf-8")
+    headline = page.split("<b>Last round 2</b>: ")[1].split("</p>")[0]
+    assert "AUC unreadable (" in headline and "needs at least ~" in headline and "1.000" not in headline
+    assert f"examples {rows[-1]['global']['examples']} ± 277" not in headline  # unreadable: says why
+    assert "examples unreadable (the held-out count" in headline
+    assert "Exact (simulation only), round 2: accuracy 0.700, AUC 0.800, loss 0.500." in page
+    assert "released as noisy counts" in page and "m0 20, m1 20, m2 20, m3 20" in page
+    assert '<td class="noise" title="' in page and "<th>exact AUC</th>" in page
+    assert '<td class="exact">0.800</td>' in page
