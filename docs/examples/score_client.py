@@ -1,4 +1,4 @@
-"""Score shop sessions with a running `fedbehavior serve`, using only code generated from scorer.proto.
+"""Score shop sessions with a running `fedbehavior merchant serve`, with only code generated from the proto.
 
 In a folder of your own, with `scorer.proto` and this file:
 
@@ -46,7 +46,7 @@ def request() -> scorer_pb2.ScoreRequest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score sessions with fedbehavior serve.")
+    parser = argparse.ArgumentParser(description="Score sessions with fedbehavior merchant serve.")
     parser.add_argument("address", help="host:port of the server")
     parser.add_argument("--ca", type=Path, help="CA certificate of a TLS server (omit for plaintext)")
     parser.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
