@@ -172,12 +172,13 @@ class RunConfig(BaseModel):
     )
     # --- the coordinator's bounds on what merchants send (server/strategy.py, server/robust.py) ---
     aggregation: str = Field(
-        "fedavg",
+        "robust",
         pattern="^(fedavg|robust|trimmed-mean|median)$",
-        description="how accepted updates combine; robust = trimmed mean dropping at least one value at "
-        "each end from 3 updates on (one merchant cannot steer the step; it cost the 4-merchant demo "
-        "4.7 AUC points in one run, see the robust aggregation guide), weighted FedAvg below 3; "
-        "trimmed-mean drops trim-fraction only; median is the coordinate-wise median",
+        description="how accepted updates combine; robust (default) = coordinate-wise trimmed mean "
+        "dropping at least one value at each end from 3 updates on, so one merchant cannot steer the "
+        "step (weighted FedAvg below 3, and the log says so); fedavg = example-weighted mean with "
+        "capped claims (bounds a rogue's share, not its direction); trimmed-mean drops trim-fraction "
+        "only; median is the coordinate-wise median. See the robust aggregation guide",
     )
     trim_fraction: float = Field(0.25, ge=0.0, lt=0.5, description="trimmed-mean: dropped at each end")
     update_norm_factor: float = Field(3.0, gt=1.0, description="reject update norms above this x median")
