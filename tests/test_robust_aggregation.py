@@ -291,11 +291,15 @@ def _errors(fed: RogueFederation) -> list[float]:
 FEDAVG_ERRORS = [0.0, 0.0, 240 / 570, 1050 / 975]
 
 
-@pytest.mark.parametrize("aggregation", ["robust", "fedavg", "trimmed-mean", "median"])
+@pytest.mark.parametrize("aggregation", ["default", "robust", "fedavg", "trimmed-mean", "median"])
 def test_rogue_merchant_cannot_take_over_the_global_adapter(
     tiny_bert: str, tmp_path: Path, aggregation: str
 ) -> None:
-    fed = _run(tiny_bert, tmp_path / "run", aggregation=aggregation)
+    if aggregation == "default":  # the run config's own default: what a coordinator gets unasked
+        assert RunConfig().aggregation == "robust"
+        fed = _run(tiny_bert, tmp_path / "run")
+    else:
+        fed = _run(tiny_bert, tmp_path / "run", aggregation=aggregation)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rogue = [row["merchants"][f"m{ROGUE}"]["status"] for row in rows[1:]]
     assert rogue == [REJECTED, REJECTED, TRAINED, TRAINED]
