@@ -260,12 +260,8 @@ def bands(
     total_sd = sds["examples"] or 0.0
     out: dict[str, Band] = {}
     total_ok = total > MIN_SDS * total_sd
-    count_reason = (
-        ""
-        if total_ok
-        else f"the held-out count {total:.0f} ± {total_sd:.0f} is within {MIN_SDS:g} noise sd of zero"
-        + _more(total, MIN_SDS * total_sd, at_least=True)
-    )
+    within = f"the held-out count {total:.0f} ± {total_sd:.0f} is within {MIN_SDS:g} noise sd of zero"
+    count_reason = "" if total_ok else within + _more(total, MIN_SDS * total_sd, at_least=True)
     examples = values.get("examples")
     out["examples"] = band_of(
         "examples",
@@ -278,6 +274,9 @@ def bands(
             continue
         sd = sds[key]
         reason = count_reason or (_class_reason(c, cell_sd, total) if key == "auc" else "")
+        if count_reason and key == "accuracy":  # a floor that holds whatever the accuracy is
+            needed = max(MIN_SDS * total_sd, accuracy_floor(c.shape, kind, cell_sd))
+            reason = within + _more(total, needed, at_least=True)
         if reason:
             if sd is not None and sd <= RANGES[key][1] - RANGES[key][0]:  # wider than the range: says nothing
                 reason = f"noise sd {sd:.2f}; {reason}"
@@ -285,6 +284,18 @@ def bands(
             reason = f"noise sd {sd:.2f} > {MAX_SD:g}" + _more(total, total * sd / MAX_SD)
         out[key] = band_of(key, values.get(key), sd, reason=reason)
     return out
+
+
+def accuracy_floor(shape: tuple[int, ...], kind: str, cell_sd: float) -> float:
+    """The fewest held-out customers N at which the accuracy's noise sd can be at most `MAX_SD`.
+
+    sd² = s²/N² · (d(1 − a)² + (C − d)a²) for C cells of which d count as correct (module
+    `analytic_sd`); its minimum over the accuracy a is at a = d/C, s²/N² · d(C − d)/C. So N must be at
+    least s·√(d(C − d)/C) / MAX_SD, whatever the data: a scores histogram has d = C/2, a k-class
+    confusion matrix d = k of C = k² cells."""
+    cells = int(np.prod(shape))
+    correct = cells / 2 if kind == "scores" else shape[0]
+    return cell_sd * math.sqrt(correct * (cells - correct) / cells) / MAX_SD
 
 
 def _class_reason(counts: np.ndarray, cell_sd: float, total: float) -> str:

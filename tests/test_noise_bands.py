@@ -218,3 +218,22 @@ def test_band_record_round_trip_and_ranges() -> None:
     assert band_of("examples", 500.0, 200.0).readable  # a count is judged by MIN_SDS, never by MAX_SD
     assert MIN_SDS == 3.0
     assert per_count_sd([3.0, 4.0]) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(("kind", "shape"), [("scores", (2, 24)), ("confusion", (4, 4))])
+def test_accuracy_floor_is_a_floor_whatever_the_data(kind: str, shape: tuple[int, int]) -> None:
+    """No histogram with fewer held-out customers than `accuracy_floor` reads its accuracy within
+    MAX_SD; the demo-scale reason asks for at least that many."""
+    from shared.noise_bands import accuracy_floor
+
+    cell_sd = 40.0
+    floor = accuracy_floor(shape, kind, cell_sd)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.dirichlet(np.full(shape[0] * shape[1], 0.3)).reshape(shape) * floor * 0.99
+        sd = analytic_sd(counts, kind, cell_sd)["accuracy"]
+        assert sd is not None and sd > MAX_SD
+    exact = binary_histogram(400, 4)
+    found = bands(exact.counts, exact.kind, cell_sd, exact.metrics())
+    more = round(accuracy_floor((2, 24), "scores", cell_sd) - exact.counts.sum(), -1)
+    assert f"needs at least ~{more:,.0f} more held-out customers" in found["accuracy"].reason
