@@ -69,6 +69,7 @@ def _answer(msg: Message, context: Context, handler: Handler, kind: str) -> Mess
     """Run `handler` on the decoded request. Any exception becomes a `failed` reply with a fixed
     reason and its text is logged here only: left to Flower, `str(exception)` would be sent to the
     coordinator verbatim."""
+    log.info("ClientApp: %s message %s received", kind, msg.metadata.message_id)
     try:
         request = protocol.decode_request(msg.content)
         cfg = RunConfig.parse(request.config)

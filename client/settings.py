@@ -36,6 +36,11 @@ class DaemonSettings(BaseModel):
     insecure: bool = Field(False, description="plaintext and unauthenticated: development only")
     runtime_port: int = Field(9094, gt=0, lt=65536, description="local port for the SuperNode's ClientApps")
     max_wait_s: float | None = Field(None, gt=0, description="give up reconnecting after this long")
+    warm_executor: bool = Field(
+        True,
+        description="run each message in a fork of a process with the libraries already imported "
+        "(SuperNode --isolation process + client.warm_exec); false: Flower's fresh process per message",
+    )
 
 
 class RunPolicy(BaseModel):

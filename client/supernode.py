@@ -8,6 +8,14 @@ stored approval for exactly those bytes, or none. Flower's own `--trusted-entiti
 the Ed25519 signature over sha256(content) and either runs the app or answers the run with an error,
 executing nothing of it. If the wrapper cannot be installed the SuperNode does not start; had it been
 skipped anyway, Flower would refuse every FAB (no verification entry at all), so it fails closed.
+
+With `--isolation process` (the default of `fedbehavior merchant start`, `[daemon] warm-executor`)
+this launcher also starts the merchant's warm SuperExec (`client/warm_exec.py`) as its own child,
+the way Flower's SuperNode starts `flower-superexec` in subprocess mode: one process tree per merchant
+(stopping or killing the SuperNode takes its ClientApps with it) and one log. The two share a fresh
+SuperExec auth secret (Flower's HMAC on task acquisition, `state/superexec-auth.secret`, 0600), so no
+other local process can claim the merchant's tasks. If the warm executor dies, the SuperNode stops
+rather than hold messages nothing will answer. The SuperNode's log lines carry timestamps.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import os
+import secrets
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +108,69 @@ def install(store: TrustStore) -> None:
     flower._init_connection = connection  # type: ignore[assignment]
 
 
+SECRET_FILE = "superexec-auth.secret"
+
+
+def runtime_options(args: list[str]) -> argparse.Namespace:
+    """The flower-supernode options that say how a SuperExec reaches the Runtime API."""
+    from flwr.common.constant import ISOLATION_MODE_SUBPROCESS
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--isolation", default=ISOLATION_MODE_SUBPROCESS)
+    parser.add_argument("--host", default=UVICORN_DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=SUPERNODE_UVICORN_DEFAULT_PORT)
+    parser.add_argument("--ssl-certfile", default=None)
+    parser.add_argument("--ssl-ca-certfile", default=None)
+    parser.add_argument("--superexec-auth-secret-file", default=None)
+    return parser.parse_known_args(args)[0]
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh SuperExec auth secret, readable by the merchant's user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
+
+
+def warm_executor_command(options: argparse.Namespace, secret: Path | None) -> list[str]:
+    """`python -I -m client.warm_exec ...` for a SuperNode started with `options`, this process its parent."""
+    from flwr.supercore.address import resolve_bind_address
+
+    address = resolve_bind_address(f"{options.host}:{options.port}")
+    cmd = [sys.executable, "-I", "-m", "client.warm_exec", "--runtime-api-address", address]
+    cmd += ["--parent-pid", str(os.getpid())]
+    if options.ssl_certfile and options.ssl_ca_certfile:  # the Runtime API speaks TLS: verify it with its CA
+        cmd += ["--root-certificates", str(Path(options.ssl_ca_certfile).expanduser())]
+    else:
+        cmd += ["--insecure"]
+    if secret is not None:
+        cmd += ["--superexec-auth-secret-file", str(secret)]
+    return cmd
+
+
+def start_warm_executor(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start the warm executor; stop this SuperNode if it ever exits abnormally."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def watch() -> None:
+        code = proc.wait()
+        if code != 0:  # 0: it stopped because we did (SIGTERM/SIGINT are graceful exits)
+            log.error(
+                "The warm ClientApp executor (pid %d) exited with %d: no message would be answered, so "
+                "the SuperNode stops; see the lines above, or set [daemon] warm-executor = false",
+                proc.pid,
+                code,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="warm-executor-watch", daemon=True).start()
+    return proc
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse `--merchant-dir`, install the approval check, hand the other arguments to Flower."""
     parser = argparse.ArgumentParser(prog="python -m client.supernode", add_help=False)
@@ -106,6 +182,20 @@ def main(argv: list[str] | None = None) -> None:
             "`fedbehavior merchant start`"
         )
     install(TrustStore(Path(known.merchant_dir)))
+    from flwr.common.constant import ISOLATION_MODE_PROCESS
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+    options = runtime_options(rest)
+    if options.isolation == ISOLATION_MODE_PROCESS:
+        secret = options.superexec_auth_secret_file
+        if secret is None:
+            from client.settings import MerchantSettings
+
+            state = MerchantSettings.from_merchant_dir(Path(known.merchant_dir)).state_dir
+            secret = str(write_secret(state / SECRET_FILE))
+            rest += ["--superexec-auth-secret-file", secret]
+        start_warm_executor(warm_executor_command(options, Path(secret)))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]
