@@ -278,6 +278,8 @@ def build_report(run_dir: Path) -> Path:
             axes = [ax]
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        if name == "participation.png":
+            axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # so are merchants
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
@@ -295,6 +297,9 @@ def build_report(run_dir: Path) -> Path:
 def _metric_cell(key: str, value: Any, band: Band | None) -> str:
     """One cell of the per-round table: "0.745 ± 0.031", "unreadable" (the reason on hover), a plain value."""
     if band is not None:
+        if key == "examples" and band.value is not None and band.sd is not None:
+            css = "" if band.readable else f' class="noise" title="{html.escape(band.reason)}"'
+            return f"<td{css}>{band.value:.0f} &plusmn; {band.sd:.0f}</td>"  # a count shows its own noise
         if not band.readable:
             return f'<td class="noise" title="{html.escape(band.reason)}">unreadable</td>'
         text = describe(key, band).removeprefix(f"{LABELS.get(key, key)} ")
@@ -347,7 +352,8 @@ def _page(
     run = html.escape(record["run"])
     metrics = record["metrics"]
     values = {k: v for k, v in metrics["values"].items() if k not in ("bands", "noise_sd")}
-    summary = "; ".join(describe_metrics(values | {"bands": metrics.get("bands") or {}}))
+    lines = describe_metrics(values | {"bands": metrics.get("bands") or {}})
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     exact_last = metrics.get("exact")
     exact_line = (
         f"<p>Exact (simulation only), round {exact_last['round']}: "
@@ -362,7 +368,8 @@ def _page(
         f"<!doctype html><html><head><meta charset='utf-8'><title>fedbehavior run {run}</title>"
         f"<style>{STYLE}</style></head><body><h1>Run {run}</h1>"
         f"<p>Trained: {html.escape(str(record.get('trained', 'not in the run folder')))}.</p>"
-        f"<p><b>Last round {metrics['round']}</b>: {html.escape(summary)}.</p>"
+        f"<p><b>Last round {metrics['round']}</b>, federated evaluation (&plusmn; the noise sd):</p>"
+        f"<ul>{summary}</ul>"
         + exact_line
         + f"<p>{html.escape(metrics.get('release') or release_description(None))} "
         f"Evaluation set: {html.escape(metrics['evaluation_set'])}.</p>"

@@ -217,7 +217,7 @@ def test_page_reads_noisy_metrics_plainly(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "exact-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EXACT))
     page = build_report(run).read_text(encoding="utf-8")
-    headline = page.split("<b>Last round 2</b>: ")[1].split("</p>")[0]
+    headline = page.split("<b>Last round 2</b>")[1].split("</ul>")[0]
     assert "AUC unreadable (" in headline and "needs at least ~" in headline and "1.000" not in headline
     assert f"examples {rows[-1]['global']['examples']} ± 277" not in headline  # unreadable: says why
     assert "examples unreadable (the held-out count" in headline
