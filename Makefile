@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint typecheck docs pytest clean
+.PHONY: setup demo test test-fast lint typecheck docs pytest clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck docs pytest
+
+# The edit loop: lint, types and every test but the slow ones (deployments, end-to-end runs).
+test-fast: lint typecheck
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs site .mypy_cache .pytest_cache .ruff_cache

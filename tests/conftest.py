@@ -3,6 +3,49 @@ import os
 
 import pytest
 
+# Whole modules that start real processes (SuperLink, SuperNodes, Ray), train through a full run, or
+# search the coordinator's message space at length: `make test` runs them, `make test-fast` (the edit
+# loop, `-m "not slow"`) leaves them out. Single slow tests elsewhere carry @pytest.mark.slow.
+SLOW_MODULES = {
+    "test_deploy",
+    "test_warm_exec",
+    "test_ray_cluster",
+    "test_simulation_e2e",
+    "test_ingested_simulation",
+    "test_open_events_simulation",
+    "test_neighbouring_replies",
+    "test_study_smoke",
+    "test_bench_scale",
+}
+
+# Single tests of 10 s or more on the 2-core machine (pytest --durations), whole training runs of
+# several rounds or real processes: also left to `make test`.
+SLOW_TESTS = {
+    "test_noise_is_calibrated_for_the_whole_horizon",
+    "test_personalise_end_to_end_and_predict_on_the_result",
+    "test_command_reloads_on_sighup_and_drains_on_sigterm",
+    "test_rounds_accumulate_across_runs_and_restarts",
+    "test_server_suggestion_cannot_lower_the_merchants_noise_floor",
+    "test_a_run_leaves_each_merchant_the_final_global_adapter",
+    "test_bisecting_a_time_cutoff_gets_the_same_answer_everywhere",
+    "test_neighbouring_sizes_run_the_same_mechanism",
+    "test_a_merchant_keeps_its_features_in_its_state_folder",
+    "test_per_run_cap_bounds_a_one_round_run",
+    "test_a_huge_head_gives_the_same_status_with_and_without_the_target",
+    "test_an_export_as_the_global_model",
+    "test_a_customer_with_fifty_sessions_moves_the_sum_by_at_most_the_clip",
+    "test_export_loads_without_fedbehavior_or_peft",
+    "test_training_reserves_the_runs_evaluations",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in SLOW_MODULES or item.name.split("[", 1)[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
