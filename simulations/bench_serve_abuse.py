@@ -1,7 +1,7 @@
 """Does `fedbehavior serve` hold for honest callers while others abuse it? One run, on loopback.
 
     .venv/bin/python -m simulations.bench_serve_abuse [--duration 20] [--rate 5] [--abusers 2]
-        [--max-sessions 256] [--max-batch 8] [--threads 1] [--model DIR]
+        [--max-sessions 256] [--max-batch 32] [--max-chunk 4] [--threads 1] [--model DIR]
 
 The model and the server process are those of `simulations.bench_serve` (the default MiniLM,
 untrained, exported; the server in its own process). Honest clients send one 10-event session per
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default="", help="a model folder (default: the default backbone, untrained)"
     )
     parser.add_argument("--port", type=int, default=50078)
-    parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    parser.add_argument("--max-chunk", type=int, default=4, help="the server's --max-chunk")
     parser.add_argument("--window-ms", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: every core)")
     parser.add_argument("--max-sessions", type=int, default=256, help="the server's --max-sessions")
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     honest = sessions(max(1, int(args.duration * args.rate)), seed=1)
     pool = sessions(args.max_sessions + 1, seed=2)
     big, oversized = merged(pool[: args.max_sessions]), merged(pool)
-    extra = ("--max-sessions", str(args.max_sessions), "--max-streams-per-caller",
+    extra = ("--max-sessions", str(args.max_sessions), "--max-chunk", str(args.max_chunk),
+             "--max-streams-per-caller",
              str(args.max_streams_per_caller), "--stream-idle-s", str(args.stream_idle_s))  # fmt: skip
     print(
         f"honest: {args.rate:g} req/s of 1 session for {args.duration:g} s per phase; "

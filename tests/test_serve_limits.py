@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -314,3 +314,28 @@ def test_cli_limits_and_their_defaults() -> None:
         options_of(parser.parse_args(["serve", "--model", "m", "--host", "0.0.0.0"]))
     serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     assert "(default: 256)" in serve.format_help() and "(default: 30.0)" in serve.format_help()
+
+
+def test_one_request_fills_at_most_max_chunk_of_a_pass() -> None:
+    """Passes hold up to --max-batch sessions across requests, but at most --max-chunk of one: a large
+    request goes a chunk at a time and the small one queued behind it shares the very next pass."""
+    from client.serving.batcher import Batcher, Loaded, ModelSlot, Pending
+
+    slot = ModelSlot(Loaded(trained=cast(Any, None), folder="", generation=1))
+    batcher = Batcher(slot, max_batch=8, max_chunk=3)
+    try:
+        big, small = (
+            Pending(slot.current, cast(Any, list(range(10))), None),
+            Pending(slot.current, cast(Any, [0]), None),
+        )
+        with batcher._cond:  # filled and taken under the worker's lock, never notified: it stays asleep
+            batcher._pending += [big, small]
+            batcher._queued_inputs += 11
+            first = [(p is big, start, stop) for p, start, stop in batcher._take()]
+            second = [(p is big, start, stop) for p, start, stop in batcher._take()]
+            batcher._pending.clear()
+            batcher._queued_inputs = 0
+    finally:
+        batcher.close()
+    assert first == [(True, 0, 3), (False, 0, 1)]
+    assert second == [(True, 3, 6)]

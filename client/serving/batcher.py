@@ -1,17 +1,19 @@
 """Server-side dynamic batching: requests share forward passes of at most `max_batch` sessions.
 
 One worker thread owns the model. A request's sessions (or customers) are cut into chunks: a forward
-pass never holds more than `max_batch` inputs, whatever one request carries. Each pass is filled
+pass never holds more than `max_batch` inputs, and never more than `max_chunk` of one request, whatever
+it carries. Many small callers still share passes of up to `max_batch`; one caller's large request goes
+`max_chunk` at a time, so the pass a newcomer waits for is short (what keeps an honest caller's latency
+while others send the largest requests allowed: `simulations/bench_serve_abuse.py`). Each pass is filled
 fairly: requests that have had no pass yet come first, in arrival order, then the chunks of those
 already started, least served first (round robin), so a large request's chunks never starve a small
-request queued after it: the small one waits at most for the pass in progress. When the queue holds
-less than a full pass, the oldest request waits at most `window_s` for company. Requests whose caller
-gave up (deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is
-`client.predict.score`, the function `fedbehavior predict` uses: texts are padded to the longest in
-the pass and pooling is masked, so a session's probabilities do not depend on what it was batched
-with, nor on how its request was cut. With `serve --runtime onnx|onnx-int8` the model in service carries
-an ONNX Runtime session (`Loaded.runner`, client.onnx_backbone) that computes the probabilities
-instead of the eager model.
+request queued after it: the small one waits at most for the pass in progress. When the queue holds less
+than a full pass, the oldest request waits at most `window_s` for company. Requests whose caller gave up
+(deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is `client.predict.score`,
+the function `fedbehavior predict` uses: texts are padded to the longest in the pass and pooling is
+masked, so a session's probabilities do not depend on what it was batched with, nor on how its request
+was cut. With `serve --runtime onnx|onnx-int8` the model in service carries an ONNX Runtime session
+(`Loaded.runner`, client.onnx_backbone) that computes the probabilities instead of the eager model.
 
 A request is scored by the model in service when it was queued (read from a `ModelSlot`); a reload
 replaces the slot's value only after the new model is fully loaded, so a request in progress finishes
@@ -129,20 +131,22 @@ class Batcher:
         slot: ModelSlot,
         *,
         max_batch: int = 32,
+        max_chunk: int = 4,
         window_s: float = 0.004,
         max_queue: int = 1024,
         precision: str = "fp32",
         overload_sessions: int = 0,
         on_overload: Callable[[bool], None] | None = None,
     ) -> None:
-        if max_batch < 1 or window_s < 0 or max_queue < 1 or overload_sessions < 0:
+        if max_batch < 1 or max_chunk < 1 or window_s < 0 or max_queue < 1 or overload_sessions < 0:
             raise ValueError(
-                f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1, "
+                f"max_batch ({max_batch}), max_chunk ({max_chunk}) and max_queue ({max_queue}) must be >= 1, "
                 f"window_s ({window_s}) and overload_sessions ({overload_sessions}) >= 0"
             )
         if precision not in PRECISIONS:
             raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.slot, self.max_batch, self.window_s, self.precision = slot, max_batch, window_s, precision
+        self.max_chunk = max_chunk
         self.max_queue = max_queue
         # queued sessions past which the server says it is overloaded (0: never), below half: not
         self.overload_sessions, self._on_overload = overload_sessions, on_overload
@@ -219,7 +223,8 @@ class Batcher:
             p.result.set_exception(error or CancelledError("the caller went away"))
 
     def _take(self) -> list[tuple[Pending, int, int]]:
-        """The next forward pass: (request, start, stop) chunks, at most max_batch inputs (lock held).
+        """The next forward pass: (request, start, stop) chunks, at most max_batch inputs and max_chunk
+        of one request (lock held).
 
         New requests first (arrival order), then started ones, least served first; one model."""
         now = time.monotonic()
@@ -241,7 +246,7 @@ class Batcher:
                 self._drop(p, None)
                 continue
             loaded = p.loaded
-            n = min(room, p.left)
+            n = min(room, p.left, self.max_chunk)
             chunks.append((p, p.taken, p.taken + n))
             p.taken += n
             room -= n

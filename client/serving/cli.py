@@ -53,12 +53,15 @@ def options_of(args: argparse.Namespace) -> Any:
     overrides = parse_sets(args.set)
     if args.task:
         overrides["task"] = args.task
-    if args.max_batch < 1 or args.window_ms < 0 or args.workers < 1 or args.max_queue < 1:
-        raise ValueError("--max-batch, --max-queue and --workers must be >= 1 and --window-ms >= 0")
+    if min(args.max_batch, args.max_chunk, args.workers, args.max_queue) < 1 or args.window_ms < 0:
+        raise ValueError(
+            "--max-batch, --max-chunk, --max-queue and --workers must be >= 1 and --window-ms >= 0"
+        )
     return ServeOptions(
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
+        max_chunk=args.max_chunk,
         window_ms=args.window_ms,
         max_queue=args.max_queue,
         workers=args.workers,
@@ -150,6 +153,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "loopback unless --tls-client-ca, and by the Reload RPC",
     )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32, help="sessions per forward pass")
+    parser.add_argument(
+        "--max-chunk", type=int, default=4,
+        help="sessions of one request per forward pass: a large request goes this many at a time, so "
+        "a caller queued behind it waits for a short pass",
+    )  # fmt: skip
     parser.add_argument("--window-ms", type=float, default=4.0, help="how long a batch waits to fill")
     parser.add_argument(
         "--max-queue", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED"
