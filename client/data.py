@@ -17,13 +17,13 @@ import torch
 from pydantic import ValidationError
 
 from client.train import Encoded
+from shared.candidates import build_candidates
 from shared.fileio import atomic_write_bytes
 from shared.schema import Event, RowReason, row_reason
 from shared.tasks import (
     Candidate,
     TaskSpec,
     TaskStats,
-    build_candidates,
     one_per_customer,
     split_by_time,
     split_customers,

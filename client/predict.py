@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shared.candidates import build_candidates
 from shared.model import resolve_device
 from shared.progress import progress
 from shared.schema import Event
-from shared.tasks import CUSTOMER_TASKS, TaskSpec, build_candidates, sessions_of
+from shared.tasks import CUSTOMER_TASKS, TaskSpec, sessions_of
 from shared.text import serialize, tokenizer_counter
 from shared.trained import Trained, load_trained
 
@@ -244,7 +245,7 @@ def predict(
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """`fedbehavior predict`: run `predict` from parsed arguments and print a summary."""
-    from client.ingest.cli import parse_pairs
+    from shared.cli import parse_pairs
     from shared.config import parse_sets
 
     overrides = parse_sets(args.set)

@@ -18,10 +18,28 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
+
+_PAIR = re.compile(r"\s*(?P<key>[^=:→]+?)\s*(?:=|->|→|:)\s*(?P<value>.+?)\s*$")
+
+
+def parse_pairs(items: list[str] | str, what: str) -> dict[str, str]:
+    """`a=b,c=d` (also `a->b`, `a→b`, `a:b`; repeated options add up) as a dict; `what` names the
+    option in the error (a ValueError)."""
+    texts = [items] if isinstance(items, str) else items
+    out: dict[str, str] = {}
+    for text in texts:
+        for item in filter(str.strip, text.split(",")):
+            match = _PAIR.match(item)
+            if match is None:
+                raise ValueError(f"{what}: {item.strip()!r} is not NAME=VALUE (e.g. product_view=view)")
+            out[match["key"]] = match["value"]
+    return out
+
 
 COMMAND_GROUP = "fedbehavior.cli"
 DISTRIBUTION = "fedbehavior"

@@ -12,7 +12,8 @@ Every task is built so that the input never contains what it predicts:
   category of the next item the customer acts on (the recommendation use case), from a label list
   fixed in the run config, "other" for the rest.
 * ``customer-label`` and ``repeat-purchase``: one example per customer (or labelled session) from
-  the customer's recent events; see `shared.customer_tasks`.
+  the customer's recent events; see `shared.customer_tasks`. `shared.candidates.build_candidates`
+  runs whichever a task names.
 
 The cut k never depends on the session's length or anything after the cut: a cut drawn from the
 length would leak the future (shopping sessions are longer because they go on to cart and buy).
@@ -192,37 +193,6 @@ def category_intent(
         return "no-category-after-cut"
     labels = (task or get_task("category-intent")).labels
     return tuple(session[:t]), labels.index(category) if category in labels[:-1] else len(labels) - 1
-
-
-_BUILDERS = {
-    "purchase-intent": purchase_intent,
-    "next-behavior": next_behavior,
-    "category-intent": category_intent,
-}
-
-
-def build_candidates(
-    task: TaskSpec, events: Iterable[Event], *, labels: object = None
-) -> tuple[dict[str, list[Candidate]], TaskStats]:
-    """All candidates of a merchant, grouped by customer, with counts of skipped sessions.
-    `labels` (a `shared.customer_tasks.LabelSet`) is needed by customer-label only."""
-    if task.name in CUSTOMER_TASKS:
-        from shared.customer_tasks import build_customer_candidates
-
-        return build_customer_candidates(task, events, labels=labels)
-    builder = _BUILDERS[task.name]
-    by_customer: dict[str, list[Candidate]] = defaultdict(list)
-    stats = TaskStats()
-    for (customer, session_id), session in sorted(sessions_of(events).items()):
-        stats.sessions += 1
-        built = builder(session, task)
-        if isinstance(built, str):
-            stats.skip(built)
-            continue
-        prefix, label = built
-        by_customer[customer].append(Candidate(customer, session_id, prefix, label, session[-1].timestamp))
-        stats.candidates += 1
-    return dict(by_customer), stats
 
 
 def split_customers(

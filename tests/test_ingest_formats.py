@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from client.ingest import IngestError, ingest
-from client.ingest.cli import add_ingest_cli, parse_pairs
+from client.ingest.cli import add_ingest_cli
+from shared.cli import parse_pairs
 from tests.ingest_helpers import check_accounting, data_lines, digest, quarantine, store, write
 
 T0 = 1511544070  # 2017-11-24T17:21:10Z
@@ -323,7 +324,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     assert "8 rows: 6 good, 2 quarantined" in printed and "negative_price" in printed
     assert parse_pairs(["a = b, c->d", "e:f"], "x") == {"a": "b", "c": "d", "e": "f"}
-    with pytest.raises(IngestError, match="'oops' is not NAME=VALUE"):
+    with pytest.raises(ValueError, match="'oops' is not NAME=VALUE"):
         parse_pairs("a=b,oops", "--behavior-map")
 
 

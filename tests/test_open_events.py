@@ -16,10 +16,11 @@ import pytest
 from client.ingest import IngestError
 from client.ingest.run import ingest
 from client.labels import load_labels
+from shared.candidates import build_candidates
 from shared.config import RunConfig
 from shared.customer_tasks import LabelSet
 from shared.schema import Event
-from shared.tasks import build_candidates, get_task, purchase_intent
+from shared.tasks import get_task, purchase_intent
 from shared.text import serialize
 from tests.ingest_helpers import check_accounting, quarantine, store
 

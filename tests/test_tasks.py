@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.candidates import build_candidates
 from shared.schema import FUNNEL_BEHAVIORS, Behavior, Event
 from shared.tasks import (
     NEXT_CUT,
@@ -19,7 +20,6 @@ from shared.tasks import (
     TASKS,
     Candidate,
     _cut_position,
-    build_candidates,
     get_task,
     next_behavior,
     one_per_customer,

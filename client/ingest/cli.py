@@ -3,26 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
-_PAIR = re.compile(r"\s*(?P<key>[^=:→]+?)\s*(?:=|->|→|:)\s*(?P<value>.+?)\s*$")
-
-
-def parse_pairs(items: list[str] | str, what: str) -> dict[str, str]:
-    """`a=b,c=d` (also `a->b`, `a→b`, `a:b`; repeated options add up) as a dict."""
-    from client.ingest.schema import IngestError
-
-    texts = [items] if isinstance(items, str) else items
-    out: dict[str, str] = {}
-    for text in texts:
-        for item in filter(str.strip, text.split(",")):
-            match = _PAIR.match(item)
-            if match is None:
-                raise IngestError(f"{what}: {item.strip()!r} is not NAME=VALUE (e.g. product_view=view)")
-            out[match["key"]] = match["value"]
-    return out
+from shared.cli import parse_pairs
 
 
 def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:

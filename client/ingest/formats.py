@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from client.ingest.peek import peek_columns
 from client.ingest.schema import FIELDS, REQUIRED_FIELDS, IngestError
 from shared.schema import Behavior
 
@@ -257,8 +258,6 @@ def generic_layout(
 ) -> FileLayout:
     """Layout of a shop's own export: its columns, checked against the mapping (identity by default).
     The event name is the behaviour column unless `event_name` is mapped to a column of its own."""
-    from client.ingest.readers import peek_columns
-
     columns, first_row, delimiter = peek_columns(source, kind)
     if not columns:
         raise IngestError(f"{source.name} is empty (no header, no rows); nothing was written")

@@ -34,11 +34,10 @@ from client.ingest.lines import (
     read_header,
 )
 from client.ingest.schema import IngestError, Reason, empty_quarantine, quarantine_table
-from client.ingest.sources import check_text, open_source, sample
+from client.ingest.sources import open_source, sample
 
 T = TypeVar("T")
 _SAMPLE_BYTES = 1 << 20
-_DELIMITERS = (",", "\t", ";", "|")
 
 
 @dataclass
@@ -71,43 +70,6 @@ def chunk_bytes(layout: FileLayout, batch_rows: int) -> int:
     sample = _sample(layout.path)
     per_line = len(sample) / max(1, count_lines(sample))
     return int(min(256 << 20, max(256, batch_rows * per_line)))
-
-
-def peek_columns(path: Path, kind: str) -> tuple[list[str], dict[str, Any] | None, str]:
-    """Column names, first row and delimiter of a generic export, for checking a mapping."""
-    if kind == "parquet":
-        try:
-            pfile = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise IngestError(f"{path.name} is not a readable Parquet file: {err}") from None
-        first = next(pfile.iter_batches(batch_size=1), None)
-        return pfile.schema_arrow.names, (first.to_pylist()[0] if first and first.num_rows else None), ","
-    check_text(path, _sample(path))
-    if kind == "jsonl":
-        return _peek_jsonl(path)
-    with open_source(path) as handle:
-        header = read_header(handle).decode("utf-8", "replace")
-        first_line = handle.readline().rstrip(b"\r\n").decode("utf-8", "replace")
-    delimiter = max(_DELIMITERS, key=header.count)
-    names = next(csv.reader([header], delimiter=delimiter), [])
-    if len(set(names)) != len(names) or not all(names):
-        raise IngestError(f"{path.name}: the header needs distinct, non-empty column names; found {header!r}")
-    values = next(csv.reader([first_line], delimiter=delimiter), [])
-    return names, (dict(zip(names, values, strict=False)) if first_line else None), delimiter
-
-
-def _peek_jsonl(path: Path) -> tuple[list[str], dict[str, Any] | None, str]:
-    names: dict[str, None] = {}
-    first: dict[str, Any] | None = None
-    for line in _sample(path).splitlines()[:10_000]:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            first = first or obj
-            names.update(dict.fromkeys(obj))
-    return list(names), first, ","
 
 
 def prefetched(items: Iterator[T]) -> Iterator[T]:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def options_of(args: argparse.Namespace) -> Any:
     """ServeOptions from parsed arguments (bad values raise ValueError naming the flag)."""
-    from client.ingest.cli import parse_pairs
+    from shared.cli import parse_pairs
     from client.serving.service import ServeOptions
     from shared.config import parse_sets
 
