@@ -6,6 +6,7 @@ import io
 import json
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from shared.synthetic import generate_merchant
 class Deployment:
     """Coordinator home, certificates and merchant folders under `root`; every process tracked."""
 
-    def __init__(self, root: Path, *, customers: int = 60) -> None:
+    def __init__(
+        self, root: Path, *, customers: int = 60, edit_app: Callable[[Path], None] | None = None
+    ) -> None:
         self.root = root
         self.customers = customers
         self.certs: DevCertificates = make_dev_certificates(
@@ -34,6 +37,9 @@ class Deployment:
         # the source tree may change while the tests run, the approved bytes must not
         frozen = root / "app" / "fedbehavior"
         self.app = snapshot_app(app_dir(), frozen)
+        if edit_app is not None:  # a test's variant of the app: the coordinator runs it, merchants approve it
+            edit_app(frozen)
+            self.app = AppBundle.load(frozen)
         (home / "coordinator.toml").write_text(
             f'host = "127.0.0.1"\nport = {self.port}\napp = {json.dumps(str(frozen))}\n', encoding="utf-8"
         )
