@@ -1,7 +1,7 @@
 """Does `fedbehavior serve` hold for honest callers while others abuse it? One run, on loopback.
 
     .venv/bin/python -m simulations.bench_serve_abuse [--duration 20] [--rate 5] [--abusers 2]
-        [--max-sessions 256] [--max-batch 32] [--max-chunk 4] [--threads 1] [--model DIR]
+        [--max-sessions 256] [--max-batch 32] [--max-chunk 1] [--threads 1] [--model DIR]
 
 The model and the server process are those of `simulations.bench_serve` (the default MiniLM,
 untrained, exported; the server in its own process). Honest clients send one 10-event session per
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=50078)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
-    parser.add_argument("--max-chunk", type=int, default=4, help="the server's --max-chunk")
+    parser.add_argument("--max-chunk", type=int, default=1, help="the server's --max-chunk")
     parser.add_argument("--window-ms", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: every core)")
     parser.add_argument("--max-sessions", type=int, default=256, help="the server's --max-sessions")

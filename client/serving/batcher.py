@@ -131,7 +131,7 @@ class Batcher:
         slot: ModelSlot,
         *,
         max_batch: int = 32,
-        max_chunk: int = 4,
+        max_chunk: int = 1,
         window_s: float = 0.004,
         max_queue: int = 1024,
         precision: str = "fp32",

@@ -70,7 +70,7 @@ class ServeOptions:
     host: str = "127.0.0.1"  # loopback unless asked: the scores are the merchant's customers' data
     port: int = 50051  # 0: any free port (tests)
     max_batch: int = 32  # sessions per forward pass
-    max_chunk: int = 4  # sessions of one request per forward pass (its share while others wait)
+    max_chunk: int = 1  # sessions of one request per forward pass (its share while others wait)
     window_ms: float = 4.0  # how long the first request of a batch waits for company
     max_queue: int = 1024  # queued requests beyond which RESOURCE_EXHAUSTED is answered
     workers: int = 16  # gRPC handler threads (they mostly wait on the batcher)
