@@ -98,6 +98,10 @@ def head_inputs(
         space = cache.space(model, head, max_length=int(data.input_ids.shape[1]), device=device)
         keys = space.keys(data)
         hit_rows, hit_values = space.lookup(keys)
+        if hit_values is not None and hit_values.shape[1] != _head_width(head):
+            raise ValueError(
+                f"cached rows of width {hit_values.shape[1]}, the head reads {_head_width(head)}"
+            )
     except Exception as err:  # the cache is an optimisation: a broken one is bypassed, never trusted
         log.warning("feature cache unavailable, computing every feature: %s: %s", type(err).__name__, err)
         return Features(_backbone_features(model, head, data, None, device=device, chunk=chunk), data.labels)
@@ -152,6 +156,9 @@ def _backbone_features(
         handle.remove()
         model.train(was_training)
     if not captured:  # no examples: the steps still run (noise only), on an empty feature matrix
-        width = next((m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear)), 0)
-        return torch.zeros((0, width))
+        return torch.zeros((0, _head_width(head)))
     return torch.cat(captured)
+
+
+def _head_width(head: torch.nn.Module) -> int:
+    return next((m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear)), 0)

@@ -132,11 +132,13 @@ def test_a_second_round_and_a_second_run_run_no_backbone_pass(tiny_bert: str, tm
     dp = DPSettings(noise_multiplier=0.7, max_grad_norm=0.5)
     cache = FeatureCache(tmp_path / "fc", 64 * MB)
     counted = []
+    threads = torch.get_num_threads()
     for round_seed in (1, 2):  # the head changes between rounds: its input does not
         with backbone_rows(model) as rows:
             train_dp(model, data, settings=settings, dp=dp, device=CPU, seed=round_seed, feature_cache=cache)
         counted.append(sum(rows))
     assert counted == [14, 0]
+    assert torch.get_num_threads() == threads  # the head's steps ran on one thread, then it was restored
     # a second run: a new process (new model object, new cache object) on the same state folder
     again = model_of(tiny_bert)
     with backbone_rows(again) as rows:
@@ -278,3 +280,16 @@ def test_a_merchant_keeps_its_features_in_its_state_folder(tiny_bert: str, tmp_p
     assert counted[0] > 0 and counted[1] < counted[0] / 2 and counted[2] <= counted[1]
     off = MerchantSettings.from_merchant_dir(tmp_path / "m0", declared_customers=40, feature_cache_mb=0)
     assert merchant.feature_cache(off) is None
+
+
+def test_rows_that_do_not_fit_the_head_are_not_used(tiny_bert: str, tmp_path: Path) -> None:
+    model = model_of(tiny_bert)
+    head = head_module(model)
+    assert head is not None
+    data = encode(tiny_bert, texts(4))
+    cache = FeatureCache(tmp_path / "fc", 64 * MB)
+    space = cache.space(model, head, max_length=24, device=CPU)
+    space.store(space.keys(data), torch.ones((4, 7)))  # well-formed shard, wrong width
+    with backbone_rows(model) as rows:
+        got = features(model, data, cache)
+    assert sum(rows) == 4 and torch.equal(got, features(model, data, None))
