@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from client.train import Encoded
+from client.encoded import Encoded
 from shared.candidates import build_candidates
 from shared.fileio import atomic_write_bytes
 from shared.schema import Event, RowReason, row_reason

@@ -56,7 +56,7 @@ import torch
 from shared.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from client.train import Encoded
+    from client.encoded import Encoded
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 if TYPE_CHECKING:
+    from client.encoded import Encoded
     from client.feature_cache import FeatureCache, FeatureSpace
-    from client.train import Encoded
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ import torch
 
 from client.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
 from client.data import Encoder, MerchantData, load_merchant_data
+from client.encoded import Encoded
 from client.global_model import latest_global, now, save_model_folder
 from client.settings import MerchantSettings
-from client.train import Encoded, TrainSettings, make_optimizer, predict
+from client.train import TrainSettings, make_optimizer, predict
 from shared.adapters import load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json

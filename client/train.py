@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from torch.utils.data import TensorDataset
 
 from client.customer_dp import CustomerIndex, clip_and_sum, noisy_mean, per_customer_gradients, poisson_sample
+from client.encoded import Encoded
 from client.features import Features, HeadOnFeatures, head_inputs, head_module
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 from shared.model import trainable_parameters
@@ -35,36 +35,6 @@ if TYPE_CHECKING:
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Tokenised examples as tensors on the CPU."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def dataset(self) -> TensorDataset:
-        return TensorDataset(self.input_ids, self.attention_mask, self.labels)
-
-    def inputs(self, rows: torch.Tensor | slice, device: torch.device) -> dict[str, torch.Tensor]:
-        """Model inputs of `rows` on `device`, cut after the last column any of them attends to.
-
-        Examples are padded to `max-length`, but most behaviour texts are far shorter (the real
-        clickstream's never exceed 24 of 48 tokens). Padding is masked everywhere (attention, the
-        pooled mean, per-example gradients) and BERT's positions are absolute, so the cut batch gives
-        the same outputs and gradients at a fraction of the cost (a test compares them)."""
-        mask = self.attention_mask[rows]
-        used = torch.nonzero(mask.any(dim=0)).flatten()
-        width = int(used.max()) + 1 if len(used) else 1
-        return {
-            "input_ids": self.input_ids[rows][:, :width].to(device),
-            "attention_mask": mask[:, :width].to(device),
-        }
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from opacus import GradSampleModule
 
 from client import train as train_module
 from client.customer_dp import CustomerIndex, clip_and_sum, per_customer_gradients
-from client.train import DPSettings, DPStep, Encoded, StepPlan, TrainSettings, customer_groups, train_dp
+from client.encoded import Encoded
+from client.train import DPSettings, DPStep, StepPlan, TrainSettings, customer_groups, train_dp
 from shared.adapters import extract_adapter
 from shared.model import LoraSpec, build_model, trainable_parameters
 from shared.schema import Behavior, Event

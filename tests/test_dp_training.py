@@ -8,7 +8,8 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader
 
 from client.customer_dp import CustomerIndex
-from client.train import DPSettings, DPStep, Encoded, StepPlan, TrainSettings, evaluate, train_dp
+from client.encoded import Encoded
+from client.train import DPSettings, DPStep, StepPlan, TrainSettings, evaluate, train_dp
 from shared.adapters import extract_adapter, load_adapter
 from shared.model import LoraSpec, build_model, load_tokenizer, trainable_parameters
 

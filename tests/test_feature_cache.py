@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from client import merchant
+from client.encoded import Encoded
 from client.feature_cache import FeatureCache, backbone_fingerprint, open_cache
 from client.features import head_inputs, head_module
 from client.settings import MerchantSettings
-from client.train import DPSettings, Encoded, TrainSettings, predict, train_dp
+from client.train import DPSettings, TrainSettings, predict, train_dp
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.model import LoraSpec, build_model, load_tokenizer
