@@ -30,6 +30,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from client import onnx_backbone
+from client.encoded import Encoded
 from client.features import head_inputs, head_module
 from client.onnx_backbone import (
     OnnxUnavailable,
@@ -39,7 +40,6 @@ from client.onnx_backbone import (
     onnx_runner,
 )
 from client.predict import predict
-from client.train import Encoded
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.trained import load_trained
