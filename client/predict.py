@@ -20,9 +20,10 @@ What is scored, and why (the text is built like training builds it, `shared.text
 
 `--runtime onnx` / `onnx-int8` score with ONNX Runtime on the CPU instead of PyTorch (the optional
 extra: pip install 'fedbehavior[onnx]'; see client/onnx_backbone.py): the model is exported once
-(cached under $FEDBEHAVIOR_ONNX_CACHE, default ~/.cache/fedbehavior/onnx), onnx gives the same
-probabilities within 1e-4, onnx-int8 (int8 weights) within about 1e-2, at about 2× and 3× the speed
-of torch on a 2-core CPU (simulations/bench_onnx.py).
+(cached under $FEDBEHAVIOR_ONNX_CACHE, default ~/.cache/fedbehavior/onnx). onnx gives the same
+probabilities within 1e-4, 1.2-2.7x torch's speed on a busy 2-core CPU; onnx-int8 (int8 weights)
+2.4-5.2x, the same ranking (AUC within 1e-3) but probabilities moved by ~0.04 on average
+(simulations/bench_onnx.py).
 """
 
 from __future__ import annotations
@@ -303,8 +304,9 @@ def add_predict_cli(subparsers: Any) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     parser.add_argument(
         "--runtime", default="torch", choices=("torch", "onnx", "onnx-int8"),
-        help="torch (default); onnx: ONNX Runtime on the CPU, same scores within 1e-4, ~2x faster; "
-        "onnx-int8: int8 weights, within ~1e-2, ~3x faster. Needs pip install 'fedbehavior[onnx]'",
+        help="torch (default); onnx: ONNX Runtime on the CPU, same scores within 1e-4, faster; "
+        "onnx-int8: int8 weights, fastest, same ranking but probabilities moved by ~0.04. "
+        "Needs pip install 'fedbehavior[onnx]'",
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads of the runtime (default 0: the runtime's own)"

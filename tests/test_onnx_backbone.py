@@ -6,14 +6,17 @@ Tolerances (maximum absolute difference of a class probability):
 
 * onnx (float32): 1e-4. The graph computes the same float32 operations; ONNX Runtime only fuses and
   reorders them (measured ~1e-7 here and on MiniLM-L6), so 1e-4 is three orders of margin while
-  still catching any real mismatch (a missed LoRA merge, a lost padding mask: > 1e-2 here).
+  still catching any real mismatch (the adapter left out, a lost padding mask: 1e-3 to 0.2 here).
 * onnx-int8: 3e-2, and the same ranking of the scored texts (Spearman >= 0.95) for mean poolings.
-  Dynamic quantisation rounds each weight matrix to 255 levels of its range and each activation per
-  call: ~1% of the activations per layer. Measured 1.5e-3 to 6e-3 on these tiny random BERTs and
-  ~3e-3 on MiniLM-L6 (simulations/bench_onnx.py, which also reports the AUC difference); the bound
-  leaves ~5x margin. Ranking is what scoring is for, so it is tested where the eager scores spread
-  (0.07 and 0.3 here); a random [CLS] pooler (tanh of a random projection) gives every text nearly
-  the same score (spread 1e-3, below int8's resolution), so there only the absolute bound holds.
+  Dynamic quantisation rounds each output channel of a weight matrix to 255 levels of its range and
+  each activation per call: ~1% of the activations per layer. Measured 1e-3 to 8e-3 on these tiny
+  random BERTs (and ~3e-3 on MiniLM-L6 with a random head); the bound leaves ~4x margin. A trained
+  head amplifies the error: MiniLM-L6 with a head trained on synthetic data moved by 0.04 on average
+  (max 0.17) while its AUC moved by 4e-4 (simulations/bench_onnx.py), which is why int8 is tested
+  on ranks, not only on an absolute bound. Ranking is what scoring is for, so it is tested where the
+  eager scores spread (0.07 and 0.3 here); a random [CLS] pooler (tanh of a random projection) gives
+  every text nearly the same score (spread 1e-3, below int8's resolution): there only the absolute
+  bound holds.
 """
 
 from __future__ import annotations

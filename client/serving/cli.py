@@ -27,7 +27,7 @@ Runtime: --runtime torch (default) scores with PyTorch; onnx with ONNX Runtime o
 probabilities within 1e-4), onnx-int8 with int8 weights (the same ranking, probabilities moved by
 ~0.04 on average); both need pip install 'fedbehavior[onnx]', export the model when it is loaded
 (cached under $FEDBEHAVIOR_ONNX_CACHE, default ~/.cache/fedbehavior/onnx) and use --threads threads.
-Measured on a busy 2-core host: 4.4x (onnx) and 7.8x (onnx-int8) torch's saturated req/s
+Measured on a busy 2-core host: 1.8-4.7x (onnx) and 3.1-7.8x (onnx-int8) torch's saturated req/s
 (simulations/bench_onnx.py).
 """
 
