@@ -376,7 +376,7 @@ def test_command_reloads_on_sighup_and_drains_on_sigterm(runs: tuple[Path, Path]
         if process.poll() is None:
             process.kill()
     reader.join(10)
-    wait_for("stopped after 2 batches, 2 requests")
+    wait_for("stopped after 6 batches, 2 requests")  # --max-chunk 1: one pass per session (3 each)
 
 
 def test_port_in_use_is_a_clear_error(server: ScoringServer, runs: tuple[Path, Path]) -> None:
