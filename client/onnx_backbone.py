@@ -289,7 +289,7 @@ def export_onnx(
 
 
 class Encodings(Protocol):
-    """`client.train.Encoded`'s interface: its length and model inputs for some of its rows."""
+    """`client.encoded.Encoded`'s interface: its length and model inputs for some of its rows."""
 
     def __len__(self) -> int: ...
 
@@ -374,7 +374,7 @@ def onnx_pooled_features(
     the CPU, computed by ONNX Runtime `chunk` rows per call: the values `client.features.head_inputs`
     computes eagerly (eval mode) within 1e-4 in float32 (int8 with `quantize`: see RUNTIMES).
 
-    `encoded`: a `client.train.Encoded` (anything with `len` and `inputs(rows, device)`) or the
+    `encoded`: a `client.encoded.Encoded` (anything with `len` and `inputs(rows, device)`) or the
     tokenizer's output. The graph (backbone and pooling, no head) is cached by the backbone's weights,
     so a head that changes every round exports nothing again; its session is kept in this process."""
     path = export_onnx(model, quantize=quantize, head=False, cache_dir=cache_dir)
