@@ -18,8 +18,8 @@ Flower's SuperNode with `--isolation subprocess` starts `flower-superexec`, whic
    the installed FAB's folder, and calls Flower's `run_clientapp` exactly as `flwr-clientapp` would:
    it pulls the message, the context and the FAB the SuperNode verified and stored (this process never
    fetches or trusts a FAB; `client/supernode.py` gates them), installs it, loads `client.app:app`
-   from it, runs it, pushes the reply and exits. One child at a time by default; children are reaped
-   between polls, and stopped with the executor.
+   from it, runs it, pushes the reply and exits. One child at a time (`ForkExecutor` says when a
+   second may start); children are reaped between polls, and stopped with the executor.
 3. It polls for tasks every `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` seconds (default here 0.05, Flower's 1.0).
 
 Fork safety: the parent never runs a tensor operation, tokenizes, or opens a gRPC channel, so no
@@ -252,15 +252,42 @@ def run_child(spec: ExecutionSpec, certificates: bytes | None, forbidden: Sequen
 
 class ForkExecutor:
     """A Flower SuperExec executor (`flwr.supercore.superexec.executor.Executor`) that forks the warm
-    process for each ClientApp task. Other task types are not offered: a merchant runs ClientApps."""
+    process for each ClientApp task. Other task types are not offered: a merchant runs ClientApps.
 
-    def __init__(self, *, max_children: int = 1, forbidden: Sequence[Path] = (), stop_timeout: float = 10.0):
-        if max_children < 1:
-            raise ValueError("max_children must be at least 1")
+    Capacity: the SuperNode hands out one message at a time (it waits for the reply before it pulls the
+    next), so one ClientApp normally runs. A child counts against `max_children` for its first
+    `settle_s` seconds only: Flower 1.41 can leave a task behind whose message never arrives (its run
+    stopped while the SuperNode pulled it), and that task's ClientApp waits for it forever, as its
+    `flwr-clientapp` process would; it must not hold the slot the next run's message needs.
+    `max_total` bounds every child, waiting or not."""
+
+    def __init__(
+        self,
+        *,
+        max_children: int = 1,
+        forbidden: Sequence[Path] = (),
+        stop_timeout: float = 10.0,
+        settle_s: float = 30.0,
+        max_total: int = 8,
+    ):
+        if max_children < 1 or max_total < max_children:
+            raise ValueError("need 1 <= max_children <= max_total")
         self.max_children = max_children
+        self.max_total = max_total
+        self.settle_s = settle_s
         self.forbidden = list(forbidden)
         self.stop_timeout = stop_timeout
-        self.children: dict[int, int] = {}  # pid -> task id
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (task id, started, monotonic)
+
+    def _full(self) -> str | None:
+        """Why no task may start now (None: one may)."""
+        now = time.monotonic()
+        fresh = sum(1 for _, started in self.children.values() if now - started < self.settle_s)
+        if fresh >= self.max_children:
+            return f"{fresh} ClientApp(s) started in the last {self.settle_s:.0f} s"
+        if len(self.children) >= self.max_total:
+            return f"{len(self.children)} ClientApps still running"
+        return None
 
     def get_eligible_capacity(
         self,
@@ -272,7 +299,7 @@ class ForkExecutor:
         from flwr.supercore.constant import TaskType
 
         del insecure, root_certificates_path
-        if len(self.children) >= self.max_children:
+        if self._full():
             return set(), set()  # acquire nothing: a claimed task would wait for its expiry
         return supported_task_types & {TaskType.CLIENT_APP}, set()
 
@@ -285,7 +312,7 @@ class ForkExecutor:
         root_certificates_path: str | None = None,
     ) -> None:
         del task_type, fab_hash, insecure, root_certificates_path
-        while len(self.children) >= self.max_children:
+        while self._full():
             self.reconcile()
             time.sleep(0.05)
 
@@ -299,8 +326,16 @@ class ForkExecutor:
                 f"the merchant's warm executor runs ClientApps only, not {spec.task_type}"
             )
         self.reconcile()
-        if len(self.children) >= self.max_children:
-            return LaunchResult.capacity_rejected(f"{len(self.children)} ClientApp(s) running")
+        if reason := self._full():
+            return LaunchResult.capacity_rejected(reason)
+        for pid, (task, started) in self.children.items():
+            log.warning(
+                "warm executor: task %d starts while task %d (pid %d) still runs after %.0f s",
+                spec.task_id,
+                task,
+                pid,
+                time.monotonic() - started,
+            )
         certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
         for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
             stream.flush()
@@ -310,7 +345,7 @@ class ForkExecutor:
             return LaunchResult.failed(f"fork failed: {err}")
         if pid == 0:
             run_child(spec, certificates, self.forbidden)
-        self.children[pid] = spec.task_id
+        self.children[pid] = (spec.task_id, time.monotonic())
         log.debug("warm executor: task %d runs in pid %d", spec.task_id, pid)
         return LaunchResult.accepted()
 
@@ -324,7 +359,7 @@ class ForkExecutor:
                 return
             if pid == 0:
                 return
-            task = self.children.pop(pid, None)
+            task, _ = self.children.pop(pid, (None, 0.0))
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 log.warning("warm executor: ClientApp of task %s (pid %d) exited with %d", task, pid, code)

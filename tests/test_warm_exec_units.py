@@ -137,6 +137,33 @@ def test_fork_executor_reaps_children_and_gates_capacity(monkeypatch: pytest.Mon
     assert executor.launch(not_clientapp).status == LaunchResultStatus.FAILED
 
 
+def test_a_clientapp_that_never_gets_its_message_does_not_block_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower 1.41 leaves a task behind when a run stops while the SuperNode pulls its message; that
+    # task's ClientApp waits forever (seen in tests/test_deploy.py's coordinator-killed run)
+    def child(*_: Any) -> None:
+        time.sleep(60)
+        os._exit(0)
+
+    monkeypatch.setattr(warm_exec, "run_child", child)
+    executor = warm_exec.ForkExecutor(max_children=1, settle_s=0.5, max_total=2, stop_timeout=2.0)
+    everything = set(TaskType)
+    try:
+        assert executor.launch(spec(1)).status == LaunchResultStatus.ACCEPTED
+        assert executor.get_eligible_capacity(everything) == (set(), set())  # settling: one at a time
+        time.sleep(0.6)
+        assert executor.get_eligible_capacity(everything) == ({TaskType.CLIENT_APP}, set())
+        assert executor.launch(spec(2)).status == LaunchResultStatus.ACCEPTED
+        time.sleep(0.6)
+        assert executor.get_eligible_capacity(everything) == (set(), set())  # max_total children
+        assert executor.launch(spec(3)).status == LaunchResultStatus.CAPACITY_REJECTED
+    finally:
+        pids = list(executor.children)
+        executor.close()
+    assert executor.children == {} and not any(psutil.pid_exists(p) for p in pids)
+
+
 def test_the_patch_into_flowers_superexec_is_in_place() -> None:
     from flwr.supercore.superexec import run_superexec
 
