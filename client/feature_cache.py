@@ -169,18 +169,21 @@ def backbone_fingerprint(model: torch.nn.Module, head: torch.nn.Module) -> str:
     return whole.hexdigest()
 
 
-def space_name(fingerprint: str, *, pooling: str, max_length: int, device_type: str) -> str:
-    """The directory of one feature space: a digest of what decides the features besides the text."""
-    spec = json.dumps(
-        {
-            "format": FORMAT,
-            "backbone": fingerprint,
-            "pooling": pooling,
-            "max_length": max_length,
-            "device": device_type,
-        },
-        sort_keys=True,
-    )
+def space_name(
+    fingerprint: str, *, pooling: str, max_length: int, device_type: str, runtime: str = "torch"
+) -> str:
+    """The directory of one feature space: a digest of what decides the features besides the text
+    (the runtime too: ONNX Runtime's features, int8 above all, are not PyTorch's)."""
+    fields: dict[str, object] = {
+        "format": FORMAT,
+        "backbone": fingerprint,
+        "pooling": pooling,
+        "max_length": max_length,
+        "device": device_type,
+    }
+    if runtime != "torch":
+        fields["runtime"] = runtime
+    spec = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:32]
 
 
@@ -277,14 +280,22 @@ class FeatureCache:
         return self.max_bytes > 0
 
     def space(
-        self, model: torch.nn.Module, head: torch.nn.Module, *, max_length: int, device: torch.device
+        self,
+        model: torch.nn.Module,
+        head: torch.nn.Module,
+        *,
+        max_length: int,
+        device: torch.device,
+        runtime: str = "torch",
     ) -> FeatureSpace:
-        """The space of `model`'s features for `head` at `max_length` tokens on `device`'s type."""
+        """The space of `model`'s features for `head` at `max_length` tokens on `device`'s type,
+        computed by `runtime`."""
         name = space_name(
             backbone_fingerprint(model, head),
             pooling=pooling_of(model),
             max_length=max_length,
             device_type=device.type,
+            runtime=runtime,
         )
         return FeatureSpace(self, name)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,6 +84,7 @@ def head_inputs(
     device: torch.device,
     chunk: int,
     cache: FeatureCache | None = None,
+    runtime: str = "torch",
 ) -> Features:
     """Run `model` once over `data` (eval mode, `chunk` examples at a time) and keep what `head`
     receives: the pooled embedding whatever the pooling (mean, unit-length mean, [CLS]).
@@ -91,11 +93,21 @@ def head_inputs(
     pooling, max length and token ids are read from it, the backbone runs over the others only (in
     their order, `chunk` at a time) and their features are stored. A hit is the tensor an earlier
     forward pass computed; when nothing hits, the passes are exactly those made without a cache. A
-    cache that cannot be read or written is skipped (logged): it never fails a round."""
+    cache that cannot be read or written is skipped (logged): it never fails a round.
+
+    `runtime`: `torch`, or `onnx` / `onnx-int8` to compute the features with ONNX Runtime on the CPU
+    (`client.onnx_backbone`: within 1e-4 of PyTorch in float32; int8 keeps the ranking, not the
+    values). The cache keeps each runtime's features apart."""
+    if runtime != "torch" and device.type != "cpu":
+        log.warning("feature-runtime %s runs on the CPU only; features with torch on %s", runtime, device)
+        runtime = "torch"
+    compute = partial(_backbone_features, runtime=runtime)
     if cache is None or not cache.enabled or len(data) == 0:
-        return Features(_backbone_features(model, head, data, None, device=device, chunk=chunk), data.labels)
+        return Features(compute(model, head, data, None, device=device, chunk=chunk), data.labels)
     try:
-        space = cache.space(model, head, max_length=int(data.input_ids.shape[1]), device=device)
+        space = cache.space(
+            model, head, max_length=int(data.input_ids.shape[1]), device=device, runtime=runtime
+        )
         keys = space.keys(data)
         hit_rows, hit_values = space.lookup(keys)
         if hit_values is not None and hit_values.shape[1] != _head_width(head):
@@ -104,9 +116,9 @@ def head_inputs(
             )
     except Exception as err:  # the cache is an optimisation: a broken one is bypassed, never trusted
         log.warning("feature cache unavailable, computing every feature: %s: %s", type(err).__name__, err)
-        return Features(_backbone_features(model, head, data, None, device=device, chunk=chunk), data.labels)
+        return Features(compute(model, head, data, None, device=device, chunk=chunk), data.labels)
     if hit_values is None:
-        values = _backbone_features(model, head, data, None, device=device, chunk=chunk)
+        values = compute(model, head, data, None, device=device, chunk=chunk)
         _store(space, keys, values)
         return Features(values, data.labels)
     missing = torch.ones(len(data), dtype=torch.bool)
@@ -115,7 +127,7 @@ def head_inputs(
     values = torch.empty((len(data), hit_values.shape[1]), dtype=hit_values.dtype)
     values[hit_rows] = hit_values
     if len(miss_rows):
-        computed = _backbone_features(model, head, data, miss_rows, device=device, chunk=chunk)
+        computed = compute(model, head, data, miss_rows, device=device, chunk=chunk)
         values[miss_rows] = computed.to(values.dtype)
         _store(space, [keys[i] for i in miss_rows.tolist()], computed)
     log.debug("feature cache: %d of %d rows hit", len(hit_rows), len(data))
@@ -137,8 +149,13 @@ def _backbone_features(
     *,
     device: torch.device,
     chunk: int,
+    runtime: str = "torch",
 ) -> torch.Tensor:
     """What `head` receives for `rows` of `data` (None: all of them), `chunk` rows per forward pass."""
+    if runtime != "torch":
+        from client.onnx_backbone import onnx_pooled_features
+
+        return onnx_pooled_features(model, data, rows=rows, chunk=chunk, quantize=runtime == "onnx-int8")
     captured: list[torch.Tensor] = []
 
     def keep(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:

@@ -221,6 +221,7 @@ def train_round(
             learning_rate=cfg.learning_rate,
             lora_learning_rate=cfg.lora_learning_rate or None,
             planned_customers=plan.customers,
+            feature_runtime=settings.feature_runtime,
         ),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         device=device,
@@ -355,6 +356,7 @@ def evaluate_round(
         batch_size=max(cfg.batch_size, 64),
         device=device,
         feature_cache=feature_cache(settings),
+        feature_runtime=settings.feature_runtime,
     )
     labels = np.asarray([c.label for c in held_out], dtype=np.int64)
     results = {MODEL: HeldOut(labels, probs)}

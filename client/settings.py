@@ -139,6 +139,13 @@ class MerchantSettings(FileSettings):
     )
     policy: RunPolicy = RunPolicy()
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    feature_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description="what computes head mode's frozen features: torch; onnx = ONNX Runtime on the CPU "
+        "(the same features within 1e-4, faster); onnx-int8 = int8 weights (fastest; the ranking is kept, "
+        "the values move: a run should not mix it with merchants on torch). Needs pip install "
+        "'fedbehavior[onnx]'",
+    )
     feature_cache_mb: int = Field(
         512,
         ge=0,

@@ -50,6 +50,8 @@ class TrainSettings:
     # matrix products: more threads buy nothing, and on a busy host they wait on each other (a cached
     # MiniLM round on 2 loaded cores: 17-21 s per merchant with 2 threads, 1.1-3.2 s with 1)
     head_threads: int | None = 1
+    # what computes the frozen features: torch, or onnx / onnx-int8 (ONNX Runtime on the CPU)
+    feature_runtime: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,13 @@ def train_dp(
     steps_on: Encoded | Features = data
     if head is not None:  # a linear probe: the frozen backbone's features, computed once
         steps_on = head_inputs(
-            model, head, data, device=device, chunk=settings.max_physical_batch, cache=feature_cache
+            model,
+            head,
+            data,
+            device=device,
+            chunk=settings.max_physical_batch,
+            cache=feature_cache,
+            runtime=settings.feature_runtime,
         )
     model.train()  # evaluation switched it off; the grad samplers need activations recorded
     sampler_model = GradSampleModule(
@@ -252,6 +260,7 @@ def predict(
     batch_size: int,
     device: torch.device,
     feature_cache: FeatureCache | None = None,
+    feature_runtime: str = "torch",
 ) -> tuple[np.ndarray, float]:
     """Class probabilities for every example, and the mean cross-entropy loss.
 
@@ -261,7 +270,9 @@ def predict(
     scorer: torch.nn.Module = model
     rows: Encoded | Features = data
     if head is not None:
-        rows = head_inputs(model, head, data, device=device, chunk=batch_size, cache=feature_cache)
+        rows = head_inputs(
+            model, head, data, device=device, chunk=batch_size, cache=feature_cache, runtime=feature_runtime
+        )
         scorer = HeadOnFeatures(head)
     model.eval()
     probs, total_loss = [], 0.0
