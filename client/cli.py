@@ -293,7 +293,8 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=COLUMN",
         help="csv/parquet/jsonl: store field <- source column, comma-separated or repeated "
-        "(fields: customer_id, session_id, timestamp, behavior, item_id, category, price, query, title)",
+        "(fields: customer_id, session_id, timestamp, behavior, event_name, item_id, title, category, "
+        "price, query, review_text, rating, customer_segment, customer_region, customer_age_band)",
     )
     parser.add_argument(
         "--behavior-map",
@@ -497,7 +498,9 @@ def register(sub: Any) -> None:
     ).add_subparsers(dest="merchant_command", required=True, metavar="COMMAND")
     add_ingest_cli(merchant)
     add_preview_cli(merchant)
-    validate = merchant.add_parser("validate-data", help="validate events.jsonl and quarantine bad rows")
+    validate = merchant.add_parser(
+        "validate-data", help="validate the merchant's data (store/ or events.jsonl) and quarantine bad rows"
+    )
     validate.add_argument("merchant_dir", help="your merchant folder")
     validate.set_defaults(func=cmd_validate)
     budget = merchant.add_parser("budget", help="show a privacy ledger")

@@ -127,7 +127,8 @@ METRIC_COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("auc", "A
 CELL = 13  # "0.745 ±0.031", "unreadable"
 LEGEND = (
     f"(± = the noise sd of each value, from the merchants' evaluation noise; unreadable = the noise "
-    f"swamps it: sd > {MAX_SD:g}, or a count within {MIN_SDS:g} sd of zero; `fedbehavior report` says why)"
+    f"swamps it: sd > {MAX_SD:g}, or a count within {MIN_SDS:g} sd of zero; "
+    "`fedbehavior coordinator report` says why)"
 )
 
 

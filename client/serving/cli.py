@@ -19,8 +19,9 @@ Reload RPC always needs the token; without a token file, reload with SIGHUP.
 
 Limits (each refusal is RESOURCE_EXHAUSTED and names its flag): --max-sessions and --max-events per
 request, --max-request-bytes per message, --max-streams-per-caller and --max-streams open streams,
---stream-idle-s before an idle stream is closed, --max-queue queued requests. A request is scored in
-chunks of --max-batch sessions, shared fairly with the other callers' requests. Health says
+--stream-idle-s before an idle stream is closed, --max-queue queued requests. A forward pass holds at
+most --max-batch sessions and at most --max-chunk of one request, so a large request is scored a
+chunk at a time, shared fairly with the other callers' requests. Health says
 NOT_SERVING for fedbehavior.v1.Scorer while more than --overload-sessions sessions are queued.
 
 Runtime: --runtime torch (default) scores with PyTorch; onnx with ONNX Runtime on the CPU (the same
