@@ -4,6 +4,9 @@
 SuperNode with the merchant folder in its node config, so every ClientApp it runs reads this
 merchant's settings and data locally. The SuperNode runs only apps the merchant approved with
 `fedbehavior merchant trust` (`client/trust.py`, `client/supernode.py`); it does not start without one.
+With `[daemon] warm-executor = true` (the default) it runs with `--isolation process` and its launcher
+starts the merchant's warm executor as its child (`client/warm_exec.py`): each message is answered in
+a fork of a process that has the libraries imported already; stopping the daemon stops both.
 The SuperNode reconnects by itself when the coordinator goes away and comes back; the ledger in
 `state/` survives restarts of either side.
 """
