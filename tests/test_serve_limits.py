@@ -339,3 +339,13 @@ def test_one_request_fills_at_most_max_chunk_of_a_pass() -> None:
         batcher.close()
     assert first == [(True, 0, 3), (False, 0, 1)]
     assert second == [(True, 3, 6)]
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 11.0, 1), (16, 3.2, 13), (16, 40.0, 1), (1, 0.0, 1)],
+)
+def test_serve_takes_the_cores_the_load_leaves_free(cores: int, load: float, expected: int) -> None:
+    from client.serving.cli import default_threads
+
+    assert default_threads(cores, load) == expected
