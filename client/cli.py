@@ -337,7 +337,7 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_preview_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """`merchant preview` (as `client.preview.add_preview_cli`, without importing it)."""
+    """`merchant preview` (its command, `client.preview.cmd_preview`, is imported when it runs)."""
     from shared.cli import lazy
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -389,7 +389,7 @@ def add_personalize_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `predict` (as `client.predict.add_predict_cli`, without importing torch)."""
+    """The flags of `predict` (its command, `client.predict.cmd_predict`, imports torch when it runs)."""
     from shared.cli import lazy
 
     parser.add_argument("--model", required=True, help="runs/<name>/final, the run folder, or an export")

@@ -280,35 +280,3 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"  skipped {n} ({reason})")
     print(f"{report.rows} scored rows on {report.device} ({report.runtime}): {report.out}")
     return 0
-
-
-def add_predict_cli(subparsers: Any) -> None:
-    """Register `predict` on the top-level subparsers."""
-    from client.ingest.formats import FORMATS
-
-    parser = subparsers.add_parser(
-        "predict", help="score sessions or customers with a trained model", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--model", required=True, help="runs/<name>/final, the run folder, or an export")
-    parser.add_argument("--events", required=True, help="an export file, or a merchant data folder")
-    parser.add_argument("--out", required=True, help="scores.csv or scores.jsonl")
-    parser.add_argument("--format", "-f", dest="fmt", default="generic", choices=FORMATS)
-    parser.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="as for ingest")
-    parser.add_argument("--behavior-map", action="append", default=[], metavar="NAME=BEHAVIOR")
-    parser.add_argument("--attribute", action="append", default=[], metavar="COLUMN[,COLUMN]")
-    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--task", default="", help="the run's task, for a final/ without run-config.json")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other run keys")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    parser.add_argument(
-        "--runtime", default="torch", choices=("torch", "onnx", "onnx-int8"),
-        help="torch (default); onnx: ONNX Runtime on the CPU, same scores within 1e-4, faster; "
-        "onnx-int8: int8 weights, fastest, same ranking but probabilities moved by ~0.04. "
-        "Needs pip install 'fedbehavior[onnx]'",
-    )  # fmt: skip
-    parser.add_argument(
-        "--threads", type=int, default=0, help="CPU threads of the runtime (default 0: the runtime's own)"
-    )
-    parser.set_defaults(func=cmd_predict)

@@ -95,22 +95,3 @@ def cmd_preview(args: argparse.Namespace) -> int:
         )
         print(f"  {row['text']}")
     return 0
-
-
-def add_preview_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `preview` on the `merchant` command's subparsers."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "preview",
-        help="show the exact texts and labels the model will see",
-        description="Build a task's examples from a merchant's data exactly as training does and print a "
-        "few of them (text, label, customer, session). Reads only.",
-    )
-    parser.add_argument(
-        "folder", help="a merchant folder (merchant.toml) or a data folder (store/ or events.jsonl)"
-    )
-    parser.add_argument("--task", default="purchase-intent", help="task name (as in the run config)")
-    parser.add_argument("--limit", type=int, default=5, help="examples per split")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(func=cmd_preview)
-    return parser

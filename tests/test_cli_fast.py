@@ -354,8 +354,6 @@ def test_light_parsers_match_the_commands_own() -> None:
     import server.cli as light_server
     from client.ingest.formats import FORMATS
     from client.personalize import TRAIN_MODES, PersonaliseSettings, add_personalize_cli
-    from client.predict import add_predict_cli
-    from client.preview import add_preview_cli
     from server.hf_export import add_export_cli
     from server.report import TENSORBOARD_DIR, TENSORBOARD_HINT, add_report_cli
 
@@ -364,13 +362,8 @@ def test_light_parsers_match_the_commands_own() -> None:
     assert (
         TENSORBOARD_DIR in light_server.TENSORBOARD_HELP and TENSORBOARD_HINT in light_server.TENSORBOARD_HELP
     )
-    pairs = [
-        (light.add_personalize_cli, add_personalize_cli),
-        (light.add_preview_cli, add_preview_cli),
-        (lambda sub: light.add_predict_arguments(sub.add_parser("predict")), add_predict_cli),
-    ]
-    for mine, theirs in pairs:
-        assert options(one_command(mine)) == options(one_command(theirs))
+    # preview and predict are defined in client.cli alone; personalize keeps its own for its tests
+    assert options(one_command(light.add_personalize_cli)) == options(one_command(add_personalize_cli))
     top = argparse.ArgumentParser().add_subparsers()
     light_server.add_run_output_cli(top, listed=False)
     for name, theirs in (("export", add_export_cli), ("report", add_report_cli)):
