@@ -1,5 +1,5 @@
 """The merchant's commands: `fedbehavior merchant …` (ingest, preview, validate-data, budget; the
-daemon: init, trust, start, stop; personalize, predict, serve). `fedbehavior predict` and `fedbehavior
+daemon: init, trust, start, stop; personalise, predict, serve). `fedbehavior predict` and `fedbehavior
 serve` are kept as the older spellings of `merchant predict` and `merchant serve`.
 
 Importing this module imports argparse-level modules only: every command imports what it needs when it
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from client.daemon import init_merchant
+    from client.daemon.control import init_merchant
 
     settings = init_merchant(
         Path(args.merchant_dir),
@@ -38,7 +38,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from client.daemon import INSECURE_WARNING, Merchant
+    from client.daemon.control import INSECURE_WARNING, Merchant
 
     merchant = Merchant.open(Path(args.merchant_dir))
     if merchant.settings.daemon.insecure and not args.insecure:
@@ -116,7 +116,7 @@ def trust_folders(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
-    from client.trust import AppBundle, TrustStore
+    from client.daemon.trust import AppBundle, TrustStore
 
     merchant_dir, app = trust_folders(args)
     folder = merchant_dir.expanduser().resolve()
@@ -153,7 +153,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from client.daemon import Merchant
+    from client.daemon.control import Merchant
 
     merchant = Merchant.open(Path(args.merchant_dir))
     print("SuperNode stopped" if merchant.stop() else "SuperNode was not running")
@@ -201,7 +201,7 @@ def _print_runs(state_dir: Path) -> None:
     """The merchant's run book beside its ledger: the runs it joined and what each was answered."""
     from datetime import datetime, timezone
 
-    from client.budget import RUNS_FILE, RunBook
+    from client.training.budget import RUNS_FILE, RunBook
 
     if not (state_dir / RUNS_FILE).exists():
         return
@@ -215,7 +215,7 @@ def _print_runs(state_dir: Path) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a merchant's events, quarantining bad rows; exit 1 when any row was quarantined."""
-    from client.data import load_events
+    from client.ingest.data import load_events
     from client.settings import MerchantSettings
 
     settings = MerchantSettings.from_merchant_dir(Path(args.merchant_dir))
@@ -234,8 +234,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 INGEST_FORMATS = ("taobao", "retailrocket", "yoochoose", "generic", "csv", "parquet", "jsonl")
 """`client.ingest.formats.FORMATS`, without importing pyarrow (a test keeps them equal)."""
 
-PERSONALIZE_TRAIN = ("head", "lora+head")
-"""`client.personalize.TRAIN_MODES` (a test keeps them, and the defaults below, equal)."""
+PERSONALISE_TRAIN = ("head", "lora+head")
+"""`client.evaluation.personalise.TRAIN_MODES` (a test keeps them, and the defaults below, equal)."""
 
 INGEST_EPILOG = """examples:
   fedbehavior merchant ingest UserBehavior.csv --format taobao --out merchant-1
@@ -337,7 +337,7 @@ def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_preview_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """`merchant preview` (its command, `client.preview.cmd_preview`, is imported when it runs)."""
+    """`merchant preview` (its command, `client.ingest.preview.cmd_preview`, is imported when it runs)."""
     from shared.cli import lazy
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -353,16 +353,17 @@ def add_preview_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=5, help="examples per split")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(func=lazy("client.preview", "cmd_preview"))
+    parser.set_defaults(func=lazy("client.ingest.preview", "cmd_preview"))
     return parser
 
 
-def add_personalize_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """`merchant personalize` (as `client.personalize.add_personalize_cli`, without importing torch)."""
+def add_personalise_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """`merchant personalise` (its command, `client.evaluation.personalise`, imports torch when it runs)."""
     from shared.cli import lazy
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "personalize",
+        "personalise",
+        aliases=["personalize"],
         help="fine-tune the global model on your own customers (local, not DP towards them)",
     )
     parser.add_argument("merchant_dir", help="your merchant folder")
@@ -373,7 +374,7 @@ def add_personalize_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="a run's final/ or an export (default: the global model this merchant kept last)",
     )
     parser.add_argument(
-        "--train", choices=PERSONALIZE_TRAIN, default="head", help="head alone, or LoRA and head"
+        "--train", choices=PERSONALISE_TRAIN, default="head", help="head alone, or LoRA and head"
     )
     parser.add_argument("--epochs", type=int, default=20, help="at most; early-stopped")
     parser.add_argument("--learning-rate", type=float, default=0.01, help="the head's AdamW rate")
@@ -384,12 +385,12 @@ def add_personalize_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, auto")
     parser.add_argument("--out", required=True, help="the personalised model folder (final/ format)")
-    parser.set_defaults(func=lazy("client.personalize", "cmd_personalize"))
+    parser.set_defaults(func=lazy("client.evaluation.personalise", "cmd_personalise"))
     return parser
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `predict` (its command, `client.predict.cmd_predict`, imports torch when it runs)."""
+    """The flags of `predict` (its command, `client.evaluation.predict`, imports torch when it runs)."""
     from shared.cli import lazy
 
     parser.add_argument("--model", required=True, help="runs/<name>/final, the run folder, or an export")
@@ -419,7 +420,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads of the runtime (default 0: the runtime's own)"
     )
-    parser.set_defaults(func=lazy("client.predict", "cmd_predict"))
+    parser.set_defaults(func=lazy("client.evaluation.predict", "cmd_predict"))
 
 
 def add_scoring_cli(subparsers: Any, *, listed: bool = True) -> None:
@@ -433,7 +434,7 @@ def add_scoring_cli(subparsers: Any, *, listed: bool = True) -> None:
     }
     help_of = (lambda name: {"help": texts[name]}) if listed else (lambda name: {})
     predict = subparsers.add_parser(
-        "predict", description=module_doc("client.predict"),
+        "predict", description=module_doc("client.evaluation.predict"),
         formatter_class=argparse.RawDescriptionHelpFormatter, **help_of("predict"),
     )  # fmt: skip
     add_predict_arguments(predict)
@@ -488,7 +489,7 @@ def add_merchant_daemon_cli(merchant: Any) -> None:
 
 def register(sub: Any) -> None:
     """Add the merchant's commands to the top-level subparsers: the `merchant` group (ingest, preview,
-    validate-data, budget, init, trust, start, stop, personalize, predict, serve); `predict` and `serve`
+    validate-data, budget, init, trust, start, stop, personalise, predict, serve); `predict` and `serve`
     also at the top, unlisted, as they were first spelled."""
     merchant = sub.add_parser(
         "merchant",
@@ -507,6 +508,6 @@ def register(sub: Any) -> None:
     budget.add_argument("ledger", help="ledger file, state folder or merchant folder")
     budget.set_defaults(func=cmd_budget)
     add_merchant_daemon_cli(merchant)
-    add_personalize_cli(merchant)
+    add_personalise_cli(merchant)
     add_scoring_cli(merchant)
     add_scoring_cli(sub, listed=False)

@@ -1,9 +1,9 @@
 """One merchant's side of a round, as plain functions: no Flower here.
 
-`train_round` = admit the message (policy, pinned plan, caps; `client.budget`) → check the incoming
+`train_round` = admit the message (policy, pinned plan, caps; `client.training.budget`) → check the incoming
 adapter against public bounds → read the data → public size → charge → DP-SGD → outgoing guard.
 `evaluate_round` = admit → check the adapter → charge → held-out customers → noisy histograms
-(`client.evaluation`; exact metrics never leave). Everything that decides whether and how a message
+(`client.evaluation.release`; exact metrics never leave). Everything that decides whether and how a message
 is answered happens before the data is read; after it, the reply is the release. Heavy objects
 (model, tokenizer, encoded data) are cached per process: a Flower ClientApp is rebuilt for every
 message.
@@ -21,15 +21,15 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from client import budget as budgets
-from client.baseline import baseline_probabilities
-from client.budget import Budget, Refusal, RunRecord
-from client.data import Encoder, MerchantData, load_merchant_data
-from client.evaluation import HeldOut, exact_metrics, log_locally, noisy_histograms
-from client.feature_cache import FeatureCache, open_cache
-from client.global_model import save_global
+from client.evaluation.baseline import baseline_probabilities
+from client.evaluation.global_model import save_global
+from client.evaluation.release import HeldOut, exact_metrics, log_locally, noisy_histograms
+from client.ingest.data import Encoder, MerchantData, load_merchant_data
 from client.settings import MerchantSettings
-from client.train import DPSettings, TrainSettings, customer_groups, predict, train_dp
+from client.training import budget as budgets
+from client.training.budget import Budget, Refusal, RunRecord
+from client.training.feature_cache import FeatureCache, open_cache
+from client.training.loop import DPSettings, TrainSettings, customer_groups, predict, train_dp
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
 from shared.config import RunConfig
 from shared.histograms import LOCAL_BASELINE, MODEL, Histogram

@@ -39,7 +39,8 @@ class DaemonSettings(BaseModel):
     warm_executor: bool = Field(
         True,
         description="run each message in a fork of a process with the libraries already imported "
-        "(SuperNode --isolation process + client.warm_exec); false: Flower's fresh process per message",
+        "(SuperNode --isolation process + client.daemon.warm_exec); "
+        "false: Flower's fresh process per message",
     )
 
 

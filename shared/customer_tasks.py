@@ -4,7 +4,7 @@
   pattern recognition"), from a labels file keyed by customer_id, or by session_id for session
   labels. The example is the customer's events (the serializer keeps the most recent that fit), or
   the labelled session's events. Label names are fixed in the run config (`customer-labels`), so every
-  merchant shares one label space; rows outside it are quarantined by `client.labels`.
+  merchant shares one label space; rows outside it are quarantined by `client.ingest.labels`.
 * ``repeat-purchase``: does a customer who bought buy again within N days (`repeat-days`)? The input
   is the customer's events up to and including the first purchase; the label is whether another
   buy-role event follows within N days. The example's `ends_at` is the end of that window, so a time

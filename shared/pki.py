@@ -4,7 +4,7 @@ Merchant keys are what Flower's SuperNode authentication uses: an EC P-384 key p
 The private key stays with the merchant; the public key is registered at the coordinator.
 
 A merchant's app-approval key (Ed25519, OpenSSH format) signs the apps the merchant approved; its
-public half is the only "trusted entity" the merchant's SuperNode accepts (see `client/trust.py`).
+public half is the only "trusted entity" the merchant's SuperNode accepts (see `client/daemon/trust.py`).
 
 `make_dev_ca` / `make_server_cert` create a throw-away CA and a TLS certificate for the SuperLink so
 that a deployment can be tried on one machine or a lab network. A production coordinator uses a

@@ -2,8 +2,8 @@
 
 A bar is drawn only when stderr is a TTY (someone is watching a terminal). A daemon, a Ray worker
 or CI gets log lines instead, at each quarter of the way and at the end, so a log file shows how far
-a job got without carriage-return noise. Used by training (`client.train`), ingest
-(`client.ingest.run`) and prediction (`client.predict`).
+a job got without carriage-return noise. Used by training (`client.training.loop`), ingest
+(`client.ingest.run`) and prediction (`client.evaluation.predict`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ length would leak the future (shopping sessions are longer because they go on to
 The privacy unit is the customer: `one_per_customer` keeps at most one example per customer, drawn
 afresh each round, and customers are split once into training and held-out evaluation customers.
 `up_to_k_per_customer` keeps up to k per customer for customer-level DP-SGD, which clips the sum of
-each customer's gradients as one (client/customer_dp.py), so the unit stays one customer.
+each customer's gradients as one (client/training/customer_dp.py), so the unit stays one customer.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from client.data import Encoder, MerchantData, load_events
-from client.train import DPSettings, TrainSettings, customer_groups, train_dp
+from client.ingest.data import Encoder, MerchantData, load_events
+from client.training.loop import DPSettings, TrainSettings, customer_groups, train_dp
 from shared.config import RunConfig
 from shared.model import build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.synthetic import generate_merchant

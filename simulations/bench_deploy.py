@@ -13,7 +13,7 @@ synthetic merchants (`generate_merchant(7, i)`, as `fedbehavior simulate` makes 
   - deployed, `subprocess`: a real SuperLink and one SuperNode per merchant on 127.0.0.1, TLS and
     SuperNode authentication on, `[daemon] warm-executor = false` (Flower's fresh `flwr-clientapp`
     process per message: what every deployment did before);
-  - deployed, `warm`: the same with the warm executor (`client/warm_exec.py`, the default now).
+  - deployed, `warm`: the same with the warm executor (`client/daemon/warm_exec.py`, the default now).
 From each deployed merchant's log (`state/supernode.log`) it reads, per message, the SuperNode's
 "Receiving: <kind> message (ID: x)" and the ClientApp's "ClientApp: <kind> message x received" (the
 first line `client/app.py` runs) and the SuperNode's "Sending" of the reply: overhead = received →

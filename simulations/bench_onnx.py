@@ -12,10 +12,10 @@ compares scores a trained model gives.
 Measured, each as examples (or requests) per second, eager / onnx fp32 / onnx int8:
 
 (a) features: the pooled embeddings of `--features` training examples (padded to max-length, cut
-    per chunk as `Encoded.inputs` does): `client.features.head_inputs` against
-    `client.onnx_backbone.onnx_pooled_features`, 256 per pass;
-(b) batch predict: `client.predict.score` on `--sessions` 10-event sessions (batch 256), torch against
-    an ONNX runner of the same model, in this process;
+    per chunk as `Encoded.inputs` does): `client.training.features.head_inputs` against
+    `client.training.onnx_backbone.onnx_pooled_features`, 256 per pass;
+(b) batch predict: `client.evaluation.predict.score` on `--sessions` 10-event sessions (batch 256),
+    torch against     an ONNX runner of the same model, in this process;
 (c) serve: `fedbehavior serve` (own process, `--runtime torch|onnx|onnx-int8`, `--threads`) saturated
     with `--concurrency` requests in flight, `--requests` one-session requests each.
 
@@ -83,7 +83,7 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, steps: int = 300) -
 
 def set_head(model: torch.nn.Module, trained: torch.nn.Linear) -> None:
     """Copy `trained` into the model's trainable head (PEFT's modules_to_save copy)."""
-    from client.features import head_module
+    from client.training.features import head_module
 
     head = head_module(model)
     assert head is not None, "the default run config trains the head only"
@@ -125,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
 
-    from client.data import Encoder, load_merchant_data
-    from client.features import head_inputs, head_module
-    from client.onnx_backbone import check_runtime, export_onnx, onnx_pooled_features, onnx_runner
-    from client.predict import inputs_of, score
+    from client.evaluation.predict import inputs_of, score
+    from client.ingest.data import Encoder, load_merchant_data
     from client.serving.cli import default_threads
     from client.serving.events import EventReader
+    from client.training.features import head_inputs, head_module
+    from client.training.onnx_backbone import check_runtime, export_onnx, onnx_pooled_features, onnx_runner
     from shared.config import RunConfig
     from shared.metrics import roc_auc
     from shared.model import build_model, load_tokenizer
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return measure
 
-        logging.getLogger("client.predict").setLevel(logging.WARNING)
+        logging.getLogger("client.evaluation.predict").setLevel(logging.WARNING)
         rates = best_of(args.repeats, {name: batch_predict(name) for name in RUNTIMES})
         ratios["predict"] = report(
             f"(b) batch predict ({len(inputs)} sessions, batch 256)", rates, "sessions/s"

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from client import merchant
-from client.feature_cache import open_cache
+from client.training.feature_cache import open_cache
 from server.coordinator import Coordinator, Reply
 from shared.adapters import AdapterState
 from shared.config import RunConfig

@@ -169,28 +169,30 @@ class Phases:
 
 def instrument(phases: Phases) -> None:
     """Wrap the training core's functions (module attributes, as the core looks them up at call time)."""
-    import client.budget
-    import client.data
-    import client.features
+    import client.ingest.data
     import client.merchant
-    import client.train
+    import client.training.budget
+    import client.training.features
+    import client.training.loop
 
     merchant = client.merchant
     merchant.build_model = phases.wrap("model", merchant.build_model)  # type: ignore[assignment]
     merchant.load_tokenizer = phases.wrap("model", merchant.load_tokenizer)  # type: ignore[assignment]
     merchant.load_merchant_data = phases.wrap("load", merchant.load_merchant_data)  # type: ignore[assignment]
-    client.data.Encoder.encode = phases.wrap("tokenise", client.data.Encoder.encode)  # type: ignore[method-assign]
-    client.train.head_inputs = phases.wrap("cache", client.train.head_inputs)  # type: ignore[assignment]
-    forward = client.features._backbone_features
+    client.ingest.data.Encoder.encode = phases.wrap("tokenise", client.ingest.data.Encoder.encode)  # type: ignore[method-assign]
+    client.training.loop.head_inputs = phases.wrap("cache", client.training.loop.head_inputs)  # type: ignore[assignment]
+    forward = client.training.features._backbone_features
 
     def counted(model: Any, head: Any, data: Any, rows: Any, **kwargs: Any) -> Any:
         phases.counts["backbone_rows"] += len(data) if rows is None else len(rows)
         return forward(model, head, data, rows, **kwargs)
 
-    client.features._backbone_features = phases.wrap("backbone", counted)  # type: ignore[assignment]
+    client.training.features._backbone_features = phases.wrap("backbone", counted)  # type: ignore[assignment]
     merchant.train_dp = phases.wrap("dp-sgd", merchant.train_dp)  # type: ignore[assignment]
     for charge in ("training_charge", "evaluation_charge", "public_size"):
-        setattr(client.budget, charge, phases.wrap("privacy", getattr(client.budget, charge)))
+        setattr(
+            client.training.budget, charge, phases.wrap("privacy", getattr(client.training.budget, charge))
+        )
     merchant.predict = phases.wrap("evaluate", merchant.predict)  # type: ignore[assignment]
 
 

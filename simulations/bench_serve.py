@@ -9,7 +9,8 @@ would deploy it, in a temporary folder (or `--model`: any folder `serve` takes).
 own process (`python -m client.serving.cli`), as it would beside the shop's systems. Then, on the same
 N requests of one 10-event session each:
 
-1. batch predict: `client.predict.score` on all N sessions (batch 256), in this process, server idle;
+1. batch predict: `client.evaluation.predict.score` on all N sessions (batch 256), in this process,
+   server idle;
 2. fixed rate: N requests sent at `--rate` per second (open loop: each leaves at its slot whether or
    not earlier ones came back), then the generator stops; p50/p99/max latency and throughput;
 3. saturation: N requests with `--concurrency` in flight at all times: the most the server answers.
@@ -104,10 +105,10 @@ def default_model(folder: Path) -> Path:
 def batch_predict(
     model: Path, requests: list[scorer_pb2.ScoreRequest], threads: int, precision: str = "fp32"
 ) -> float:
-    """Sessions per second of `client.predict.score` on the requests' events (batch 256)."""
+    """Sessions per second of `client.evaluation.predict.score` on the requests' events (batch 256)."""
     import torch
 
-    from client.predict import inputs_of, score
+    from client.evaluation.predict import inputs_of, score
     from client.serving.batcher import autocast
     from client.serving.events import EventReader
     from shared.trained import load_trained

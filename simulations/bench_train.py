@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from client.data import Encoder, MerchantData, load_events
-from client.encoded import Encoded
-from client.train import DPSettings, TrainSettings, make_optimizer, train_dp
+from client.ingest.data import Encoder, MerchantData, load_events
+from client.ingest.encoded import Encoded
+from client.training.loop import DPSettings, TrainSettings, make_optimizer, train_dp
 from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.synthetic import generate_merchant
 from shared.tasks import get_task

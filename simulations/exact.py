@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from client.evaluation import EVALUATION_LOG, LOCAL_BINS
+from client.evaluation.release import EVALUATION_LOG, LOCAL_BINS
 from shared.histograms import Histogram
 
 

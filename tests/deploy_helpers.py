@@ -12,8 +12,8 @@ from typing import Any
 
 import psutil
 
-from client.daemon import Merchant, init_merchant
-from client.trust import AppBundle
+from client.daemon.control import Merchant, init_merchant
+from client.daemon.trust import AppBundle
 from server.deploy import CoordinatorHome, app_dir
 from shared.daemon import free_port
 from shared.pki import DevCertificates, make_dev_certificates

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
-from client.baseline import (
+from client.evaluation.baseline import (
     COUNT_SCALE,
     LIPSCHITZ,
     NAME_BUCKETS,

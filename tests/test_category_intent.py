@@ -80,7 +80,7 @@ def test_top_k_accuracy_matches_sklearn() -> None:
 
 
 def test_time_split_keeps_the_future_out_of_training(tmp_path) -> None:
-    from client.data import MerchantData, load_events
+    from client.ingest.data import MerchantData, load_events
     from shared.synthetic import generate_merchant
 
     generate_merchant(5, 1, tmp_path, base_customers=80)

@@ -109,7 +109,7 @@ def test_every_option_with_a_default_shows_it() -> None:
                 missing.append(f"{parser.prog} {action.option_strings[0]}")
     assert not missing
     help_text = next(
-        p for p in subparsers_of(build_parser()) if p.prog.endswith("merchant personalize")
+        p for p in subparsers_of(build_parser()) if p.prog.endswith("merchant personalise")
     ).format_help()
     assert "(default: 20)" in help_text and "(default: head)" in help_text
 
@@ -121,7 +121,7 @@ def test_trust_takes_the_merchant_folder_first_and_keeps_merchant_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from client.cli import trust_folders
-    from client.daemon import init_merchant
+    from client.daemon.control import init_merchant
     from tests.deploy_helpers import write_rogue_app
 
     folder = tmp_path / "m"
@@ -352,18 +352,22 @@ def test_light_parsers_match_the_commands_own() -> None:
     ones that module's own `add_*_cli` defines (and its defaults, e.g. PersonaliseSettings')."""
     import client.cli as light
     import server.cli as light_server
+    from client.evaluation.fine_tune import TRAIN_MODES, PersonaliseSettings
     from client.ingest.formats import FORMATS
-    from client.personalize import TRAIN_MODES, PersonaliseSettings, add_personalize_cli
     from server.hf_export import add_export_cli
     from server.report import TENSORBOARD_DIR, TENSORBOARD_HINT, add_report_cli
 
-    assert light.INGEST_FORMATS == FORMATS and light.PERSONALIZE_TRAIN == TRAIN_MODES
+    assert light.INGEST_FORMATS == FORMATS and light.PERSONALISE_TRAIN == TRAIN_MODES
     assert PersonaliseSettings().train == "head"
     assert (
         TENSORBOARD_DIR in light_server.TENSORBOARD_HELP and TENSORBOARD_HINT in light_server.TENSORBOARD_HELP
     )
-    # preview and predict are defined in client.cli alone; personalize keeps its own for its tests
-    assert options(one_command(light.add_personalize_cli)) == options(one_command(add_personalize_cli))
+    # preview, predict and personalise are defined in client.cli alone: its defaults are the settings'
+    personalise = one_command(light.add_personalise_cli)
+    defaults = PersonaliseSettings()
+    for action in personalise._actions:
+        if hasattr(defaults, action.dest):
+            assert action.default == getattr(defaults, action.dest), action.dest
     top = argparse.ArgumentParser().add_subparsers()
     light_server.add_run_output_cli(top, listed=False)
     for name, theirs in (("export", add_export_cli), ("report", add_report_cli)):

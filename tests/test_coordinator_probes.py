@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import budget as budgets
 from client import merchant
-from client.budget import Budget
+from client.training import budget as budgets
+from client.training.budget import Budget
 from shared import protocol
 from shared.config import RunConfig
 from shared.privacy import Charge
@@ -168,7 +168,7 @@ def test_a_huge_head_gives_the_same_status_with_and_without_the_target(
 
 
 def test_a_non_finite_customer_gradient_is_zeroed_before_clipping() -> None:
-    from client.customer_dp import clip_and_sum
+    from client.training.customer_dp import clip_and_sum
 
     grads = [
         torch.tensor([[3.0, 4.0], [float("inf"), 0.0], [float("nan"), 1.0]]),
@@ -181,7 +181,7 @@ def test_a_non_finite_customer_gradient_is_zeroed_before_clipping() -> None:
 
 
 def test_evaluation_logits_are_clamped() -> None:
-    from client.train import LOGIT_BOUND, contained
+    from client.training.loop import LOGIT_BOUND, contained
 
     out = contained(torch.tensor([[float("inf"), float("nan")], [-1e30, 3.0]]))
     assert out.tolist() == [[LOGIT_BOUND, 0.0], [-LOGIT_BOUND, 3.0]]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client import train as train_module
-from client.customer_dp import CustomerIndex, clip_and_sum, per_customer_gradients
-from client.encoded import Encoded
-from client.train import DPSettings, DPStep, StepPlan, TrainSettings, customer_groups, train_dp
+from client.ingest.encoded import Encoded
+from client.training import loop as train_module
+from client.training.customer_dp import CustomerIndex, clip_and_sum, per_customer_gradients
+from client.training.loop import DPSettings, DPStep, StepPlan, TrainSettings, customer_groups, train_dp
 from shared.adapters import extract_adapter
 from shared.model import LoraSpec, build_model, trainable_parameters
 from shared.schema import Behavior, Event
@@ -56,7 +56,7 @@ def sampler(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def module_clipped_sum(
     model: torch.nn.Module, data: Encoded, groups: torch.Tensor | None, clip: float, chunk: int = 3
 ) -> list[torch.Tensor]:
-    """What `client.customer_dp` computes for every customer sampled, before noise."""
+    """What `client.training.customer_dp` computes for every customer sampled, before noise."""
     customers = CustomerIndex.of(groups, len(data))
     rows, local = customers.gather(torch.arange(len(customers)))
     with sampler(model) as gsm:

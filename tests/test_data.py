@@ -1,4 +1,4 @@
-"""Tests of client/data.py (load_events, quarantine, MerchantData, Encoder) and client/settings.py
+"""Tests of client/ingest/data.py (load_events, quarantine, MerchantData, Encoder) and client/settings.py
 (merchant settings)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.data import EVENTS_FILE, QUARANTINE_FILE, Encoder, LoadReport, MerchantData, load_events
+from client.ingest.data import EVENTS_FILE, QUARANTINE_FILE, Encoder, LoadReport, MerchantData, load_events
 from client.settings import SETTINGS_FILE, MerchantSettings, from_node_config
 from shared.model import load_tokenizer
 from shared.schema import Behavior, Event

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from client.trust import AppBundle
+from client.daemon.trust import AppBundle
 from server.audit import audit_problems, read_audit
 from server.deploy import run_summary
 from shared.adapters import AdapterSpec, extract_adapter

@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.daemon import Merchant, init_merchant
+from client.daemon.control import Merchant, init_merchant
+from client.daemon.trust import AppBundle
 from client.settings import MerchantSettings
-from client.trust import AppBundle
 from server.audit import audit_problems
 from server.deploy import CoordinatorHome
 from shared.cli import main

@@ -7,9 +7,9 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.customer_dp import CustomerIndex
-from client.encoded import Encoded
-from client.train import DPSettings, DPStep, StepPlan, TrainSettings, evaluate, train_dp
+from client.ingest.encoded import Encoded
+from client.training.customer_dp import CustomerIndex
+from client.training.loop import DPSettings, DPStep, StepPlan, TrainSettings, evaluate, train_dp
 from shared.adapters import extract_adapter, load_adapter
 from shared.model import LoraSpec, build_model, load_tokenizer, trainable_parameters
 
@@ -184,7 +184,7 @@ def test_step_plan_matches_opacus_sampling() -> None:
 
 
 def test_optimizer_gives_lora_its_own_learning_rate(tiny_bert: str) -> None:
-    from client.train import make_optimizer
+    from client.training.loop import make_optimizer
 
     model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
     opt = make_optimizer(model, TrainSettings(learning_rate=0.01, lora_learning_rate=0.001))

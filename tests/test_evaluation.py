@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from client import merchant
-from client.budget import planned_evaluation_charges
-from client.evaluation import EVALUATION_LOG, LOCAL_BINS
+from client.evaluation.release import EVALUATION_LOG, LOCAL_BINS
 from client.settings import MerchantSettings
+from client.training.budget import planned_evaluation_charges
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.histograms import Histogram

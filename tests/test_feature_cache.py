@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from client import merchant
-from client.encoded import Encoded
-from client.feature_cache import FeatureCache, backbone_fingerprint, open_cache
-from client.features import head_inputs, head_module
+from client.ingest.encoded import Encoded
 from client.settings import MerchantSettings
-from client.train import DPSettings, TrainSettings, predict, train_dp
+from client.training.feature_cache import FeatureCache, backbone_fingerprint, open_cache
+from client.training.features import head_inputs, head_module
+from client.training.loop import DPSettings, TrainSettings, predict, train_dp
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.model import LoraSpec, build_model, load_tokenizer

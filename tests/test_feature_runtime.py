@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.feature_cache import open_cache
-from client.features import head_inputs, head_module
 from client.settings import MerchantSettings
-from client.train import DPSettings, TrainSettings, train_dp
+from client.training.feature_cache import open_cache
+from client.training.features import head_inputs, head_module
+from client.training.loop import DPSettings, TrainSettings, train_dp
 from shared.adapters import extract_adapter
 from tests.test_feature_cache import CPU, encode, model_of, texts
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.features import HeadOnFeatures, head_inputs, head_module
-from client.train import DPSettings, TrainSettings, train_dp
+from client.training.features import HeadOnFeatures, head_inputs, head_module
+from client.training.loop import DPSettings, TrainSettings, train_dp
 from shared.adapters import extract_adapter
 from shared.model import POOLING, LoraSpec, build_model
 from tests.test_customer_dp import module_clipped_sum

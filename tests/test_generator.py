@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.data import load_events
+from client.ingest.data import load_events
 from shared.schema import Behavior
 from shared.synthetic import EVENTS_FILE, SETTINGS_FILE, generate_merchant, merchant_profile
 

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from client.cli import add_ingest_cli
 from client.ingest import IngestError, ingest
-from client.ingest.cli import add_ingest_cli
 from shared.cli import parse_pairs
 from tests.ingest_helpers import check_accounting, data_lines, digest, quarantine, store, write
 

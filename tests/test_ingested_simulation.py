@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from client.data import load_events
+from client.ingest.data import load_events
 from client.ingest.run import ingest
 from simulations.split import split_store
 

@@ -33,7 +33,7 @@ def imported_packages(path: Path) -> set[str]:
 
 def test_the_scan_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    body = "import os\n\ndef f():\n    from client.data import load_events\n    import server.app\n"
+    body = "import os\n\ndef f():\n    from client.ingest.data import load_events\n    import server.app\n"
     module.write_text(body)
     assert imported_packages(module) == {"client", "server"}
 
@@ -135,5 +135,70 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 def test_no_module_imports_itself_through_others() -> None:
     graph = _module_graph()
-    assert {"client.train", "client.encoded", "shared.candidates", "client.ingest.peek"} <= set(graph)
+    assert {
+        "client.training.loop",
+        "client.ingest.encoded",
+        "shared.candidates",
+        "client.ingest.peek",
+    } <= set(graph)
     assert import_circles(graph) == []
+
+
+# client/ is laid out by the merchant's jobs. A room imports only the rooms below it (and
+# client.settings, the merchant's own merchant.toml); the edges (app, cli, merchant) sit on top.
+CLIENT_ROOMS: dict[str, set[str]] = {
+    "client.ingest": set(),
+    "client.training": {"client.ingest"},
+    "client.evaluation": {"client.ingest", "client.training"},
+    "client.serving": {"client.ingest", "client.training", "client.evaluation"},
+    "client.daemon": set(),
+}
+CLIENT_TOP = {"client", "client.app", "client.cli", "client.merchant", "client.settings"}
+
+
+def _room(module: str) -> str:
+    return next((room for room in CLIENT_ROOMS if module == room or module.startswith(room + ".")), module)
+
+
+def test_client_is_laid_out_in_rooms_with_a_docstring_each() -> None:
+    rooms = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "client").glob("*/__init__.py")
+    }
+    assert rooms == set(CLIENT_ROOMS)
+    for room in rooms:
+        init = ROOT / room.replace(".", "/") / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        assert doc and doc.strip(), f"{init} has no docstring saying what the room is for"
+    loose = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / "client").glob("*.py")
+    }
+    assert loose == CLIENT_TOP, "a module at client/'s top belongs in one of the rooms"
+
+
+def test_each_client_room_imports_only_the_rooms_below_it() -> None:
+    graph = _module_graph()
+    offenders = []
+    for module, imports in graph.items():
+        room = _room(module)
+        if room not in CLIENT_ROOMS:
+            continue
+        allowed = CLIENT_ROOMS[room] | {room, "client.settings"}
+        for target in imports:
+            if target.startswith("client") and _room(target) not in allowed:
+                offenders.append(f"{module} → {target}")
+    assert not offenders, offenders
+
+
+def test_every_package_is_installed() -> None:
+    """A package missing from pyproject's list works in the editable checkout and breaks a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for package in PACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found == listed

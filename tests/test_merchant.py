@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from client import merchant
-from client.budget import planned_evaluation_charges
 from client.settings import MerchantSettings
-from client.train import StepPlan
+from client.training.budget import planned_evaluation_charges
+from client.training.loop import StepPlan
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.privacy import Charge, epsilon_of

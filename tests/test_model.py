@@ -146,7 +146,7 @@ def test_ffa_averaging_of_b_averages_the_products_exactly(tiny_bert: str) -> Non
 
 
 def test_ffa_dp_step_moves_b_and_head_but_never_a(tiny_bert: str) -> None:
-    from client.train import DPSettings, TrainSettings, train_dp
+    from client.training.loop import DPSettings, TrainSettings, train_dp
     from shared.adapters import extract_adapter
     from tests.test_dp_training import encode
 

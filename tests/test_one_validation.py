@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from client.data import QUARANTINE_FILE, load_events
+from client.evaluation.predict import PredictReport, read_events
 from client.ingest import ingest
+from client.ingest.data import QUARANTINE_FILE, load_events
 from client.ingest.schema import FIELDS, STORE_SCHEMA
-from client.predict import PredictReport, read_events
 from shared.cli import main
 from shared.schema import Event, RowReason
 

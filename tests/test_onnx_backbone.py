@@ -1,4 +1,4 @@
-"""ONNX Runtime inference (client/onnx_backbone.py): scores and pooled features agree with eager
+"""ONNX Runtime inference (client/training/onnx_backbone.py): scores and pooled features agree with eager
 PyTorch on a tiny BERT with LoRA (merged on export) and a head, the cache is keyed by what changes
 the graph, and predict / serve with --runtime onnx give predict's torch scores.
 
@@ -32,17 +32,17 @@ from transformers import AutoTokenizer
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from client import onnx_backbone
-from client.encoded import Encoded
-from client.features import head_inputs, head_module
-from client.onnx_backbone import (
+from client.evaluation.predict import predict
+from client.ingest.encoded import Encoded
+from client.training import onnx_backbone
+from client.training.features import head_inputs, head_module
+from client.training.onnx_backbone import (
     OnnxUnavailable,
     check_runtime,
     export_onnx,
     onnx_pooled_features,
     onnx_runner,
 )
-from client.predict import predict
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.trained import load_trained
@@ -123,7 +123,7 @@ def head_module_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_head_mode_features_equal_head_inputs(tiny_bert: str, cache: Path) -> None:
-    """`onnx_pooled_features` gives what `client.features.head_inputs` gives, for a head-mode model
+    """`onnx_pooled_features` gives what `client.training.features.head_inputs` gives, for a head-mode model
     (LoRA frozen at B = 0) and an `Encoded` padded to max-length; a new head exports nothing."""
     cfg = RunConfig.parse({"backbone": tiny_bert, "trainable": "head", "max-length": 32})
     model = build_model(tiny_bert, num_labels=2, lora=cfg.lora, pooling=cfg.pooling)

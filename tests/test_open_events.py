@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from client.ingest import IngestError
+from client.ingest.labels import load_labels
 from client.ingest.run import ingest
-from client.labels import load_labels
 from shared.candidates import build_candidates
 from shared.config import RunConfig
 from shared.customer_tasks import LabelSet
@@ -96,7 +96,7 @@ def test_non_text_and_misnamed_files(tmp_path: Path) -> None:
 
 
 def test_preview_shows_event_names_attributes_and_labels(tmp_path: Path, tiny_bert: str) -> None:
-    from client.preview import preview
+    from client.ingest.preview import preview
 
     src = tmp_path / "export.csv.gz"
     src.write_bytes(gzip.compress(_export()))

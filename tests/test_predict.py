@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from client.predict import predict
+from client.evaluation.predict import predict
 from server.hf_export import export_run
 from shared.config import RunConfig
 from shared.text import serialize, tokenizer_counter

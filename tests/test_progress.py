@@ -121,8 +121,8 @@ def test_training_and_scoring_report_in_log_lines(
 ) -> None:
     import torch
 
-    from client.predict import predict
-    from client.train import DPSettings, TrainSettings, train_dp
+    from client.evaluation.predict import predict
+    from client.training.loop import DPSettings, TrainSettings, train_dp
     from tests.test_dp_training import encode, model_with_nonzero_b
     from tests.trained_run import make_run
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.predict import predict
+from client.evaluation.predict import predict
 from client.serving import scorer_pb2, scorer_pb2_grpc
 from client.serving.cli import add_serve_cli, options_of
 from client.serving.events import EventReader, RequestError

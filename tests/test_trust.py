@@ -25,9 +25,9 @@ from flwr.supercore.fab import Fab
 from flwr.supernode import start_client_internal as flower
 from flwr.supernode.start_client_internal import _verify_fab
 
-from client import supernode
-from client.daemon import Merchant, init_merchant
-from client.trust import KEY_ID, VALID_LICENSE, AppBundle, TrustStore
+from client.daemon import supernode
+from client.daemon.control import Merchant, init_merchant
+from client.daemon.trust import KEY_ID, VALID_LICENSE, AppBundle, TrustStore
 from shared.cli import main
 from tests.deploy_helpers import write_rogue_app
 
@@ -189,7 +189,7 @@ def test_trust_cli_revoke_and_start_refused_without_approval(
     sha = AppBundle.load(rogue).sha256
     assert sha in out and "rogue_app.py" in out and "approved rogue/rogueapp==1.0.0" in out
     cmd = Merchant.open(folder).supernode_command()
-    assert cmd[1:4] == ["-I", "-m", "client.supernode"]
+    assert cmd[1:4] == ["-I", "-m", "client.daemon.supernode"]
     assert cmd[cmd.index("--trusted-entities") + 1] == str(folder / "trust" / "trusted-entities.yaml")
     assert main(["merchant", "trust", "--list", "--merchant-dir", str(folder)]) == 0
     assert sha in capsys.readouterr().out

@@ -1,7 +1,7 @@
-"""The merchant's warm executor (`client/warm_exec.py`) deployed: on loopback (SuperLink + 2 SuperNodes,
-TLS and authentication), with an app that differs from the installed copy of the project by one log
-line, so the merchants' logs show whose code answered. ClientApps run in forks of a process with the
-libraries imported, still only the approved FAB's code, with no zombies, and stop with the SuperNode.
+"""The merchant's warm executor (`client/daemon/warm_exec.py`) deployed: on loopback (SuperLink +
+2 SuperNodes, TLS and authentication), with an app that differs from the installed copy of the project by
+one log line, so the merchants' logs show whose code answered. ClientApps run in forks of a process with
+the libraries imported, still only the approved FAB's code, with no zombies, and stop with the SuperNode.
 The pieces are tested without a deployment in `tests/test_warm_exec_units.py`.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from client.daemon import Merchant
+from client.daemon.control import Merchant
 from tests.deploy_helpers import Deployment, wait_for, write_rogue_app
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_bert: str) -> Iter
 def warm_executor_of(merchant: Merchant) -> psutil.Process:
     pid = merchant.supernode.pid()
     assert pid is not None
-    (proc,) = [p for p in psutil.Process(pid).children() if "client.warm_exec" in " ".join(p.cmdline())]
+    (proc,) = [
+        p for p in psutil.Process(pid).children() if "client.daemon.warm_exec" in " ".join(p.cmdline())
+    ]
     return proc
 
 

@@ -1,6 +1,6 @@
-"""The warm executor's pieces (`client/warm_exec.py`, `client/supernode.py`), without a deployment: a
-child imports the project only from the FAB, children are reaped and limited, the commands are right.
-`tests/test_warm_exec.py` runs the whole thing on loopback."""
+"""The warm executor's pieces (`client/daemon/warm_exec.py`, `client/daemon/supernode.py`), without a
+deployment: a child imports the project only from the FAB, children are reaped and limited, the
+commands are right. `tests/test_warm_exec.py` runs the whole thing on loopback."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from client import supernode, warm_exec
-from client.daemon import Merchant, init_merchant
+from client.daemon import supernode, warm_exec
+from client.daemon.control import Merchant, init_merchant
 from tests.deploy_helpers import wait_for, write_rogue_app
 
 
@@ -42,8 +42,8 @@ def spec(task_id: int = 1) -> ExecutionSpec:
 CHILD_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-import client.daemon  # the merchant's installed copy, imported before the fork as a stale module
-from client import warm_exec
+import client.daemon.control  # the merchant's installed copy, imported before the fork as a stale module
+from client.daemon import warm_exec
 from flwr.supercore.exit import exit_handler
 from flwr.supercore.object_ref import load_app
 
@@ -60,7 +60,7 @@ if pid == 0:
     out["marker"] = load_app("client.app:MARKER", ValueError, fab)
     import client.app
     out["app_file"] = client.app.__file__
-    for name in ("client.daemon", "shared.config"):
+    for name in ("client.daemon.control", "shared.config"):
         try:
             __import__(name)
             out[name] = "imported"
@@ -89,11 +89,11 @@ def test_a_child_imports_the_project_only_from_the_fab(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["exit_handlers"] == 0  # the SuperExec's handlers (close its client, stop children) are gone
-    assert "client.daemon" in out["dropped"] and "client.warm_exec" in out["dropped"]
+    assert "client.daemon.control" in out["dropped"] and "client.daemon.warm_exec" in out["dropped"]
     assert out["marker"] == "the FAB's client/app.py"
     assert out["app_file"] == str(fab / "client" / "app.py")
     # a module the FAB lacks is not taken from the merchant's installed copy instead
-    assert "not in the approved app" in out["client.daemon"]
+    assert "not in the approved app" in out["client.daemon.control"]
     assert "not in the approved app" in out["shared.config"]
 
 
@@ -194,7 +194,7 @@ def test_merchant_start_uses_the_warm_executor_by_default(
 
 
 def _bundle(tmp_path: Path) -> Any:
-    from client.trust import AppBundle
+    from client.daemon.trust import AppBundle
 
     return AppBundle.load(write_rogue_app(tmp_path / "rogue"))
 
@@ -202,7 +202,7 @@ def _bundle(tmp_path: Path) -> Any:
 def test_the_warm_executor_command_follows_the_supernodes_runtime_api(tmp_path: Path) -> None:
     options = supernode.runtime_options(["--isolation", "process", "--host", "0.0.0.0", "--port", "9123"])
     cmd = supernode.warm_executor_command(options, tmp_path / "secret")
-    assert cmd[1:4] == ["-I", "-m", "client.warm_exec"]
+    assert cmd[1:4] == ["-I", "-m", "client.daemon.warm_exec"]
     assert cmd[cmd.index("--runtime-api-address") + 1] == "127.0.0.1:9123"
     assert cmd[cmd.index("--parent-pid") + 1] == str(os.getpid())
     assert "--insecure" in cmd and cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(
@@ -222,13 +222,13 @@ def test_warm_exec_module_imports_no_project_code() -> None:
     script = textwrap.dedent(
         """
         import sys
-        import client.warm_exec
+        import client.daemon.warm_exec
         own = ('client', 'server', 'shared', 'simulations')
         print(sorted(m for m in sys.modules if m.split('.')[0] in own))
         """
     )
     out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "['client', 'client.warm_exec']", out.stderr
+    assert out.stdout.strip() == "['client', 'client.daemon', 'client.daemon.warm_exec']", out.stderr
 
 
 def test_the_supernode_asks_for_messages_every_half_second_not_every_three() -> None:

@@ -143,7 +143,7 @@ def test_train_round_gives_each_refusal_its_code(
     cfg = RunConfig.parse({"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32})
     model, *_ = merchant._prepare(shop, cfg)
     g = merchant.extract_adapter(model)
-    from client import budget as budgets
+    from client.training import budget as budgets
     from shared.privacy import BudgetExceededError, Ledger
     from shared.privacy.calibration import CalibrationError
 

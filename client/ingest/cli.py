@@ -1,28 +1,18 @@
-"""`fedbehavior merchant ingest`: the argparse wiring of `client.ingest.ingest`."""
+"""`fedbehavior merchant ingest`: the command behind `client.cli`'s flags (labels copied beside the store)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from shared.cli import parse_pairs
-
-
-def add_ingest_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `ingest` on an argparse subparsers object (e.g. the `merchant` command's).
-
-    The flags live in `client.cli` (which imports no pyarrow, so `fedbehavior --help` stays fast)."""
-    from client.cli import add_ingest_cli as add
-
-    return add(subparsers)
 
 
 def copy_labels(source: Path, out_dir: Path) -> Path:
     """Check a labels file's header and copy it into the merchant folder, as `labels.csv[.gz|…]`."""
     import shutil
 
-    from client.labels import LABELS_FILES, check_header
+    from client.ingest.labels import LABELS_FILES, check_header
 
     check_header(source)
     suffix = "".join(s for s in source.suffixes[-1:] if s in (".gz", ".bz2", ".zst"))

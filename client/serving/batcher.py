@@ -1,19 +1,20 @@
 """Server-side dynamic batching: requests share forward passes of at most `max_batch` sessions.
 
-One worker thread owns the model. A request's sessions (or customers) are cut into chunks: a forward
-pass never holds more than `max_batch` inputs, and never more than `max_chunk` of one request, whatever
-it carries. Many small callers still share passes of up to `max_batch`; one caller's large request goes
+One worker thread owns the model. A request's sessions (or customers) are cut into chunks: a forward pass
+never holds more than `max_batch` inputs, and never more than `max_chunk` of one request, whatever it
+carries. Many small callers still share passes of up to `max_batch`; one caller's large request goes
 `max_chunk` at a time, so the pass a newcomer waits for is short (what keeps an honest caller's latency
 while others send the largest requests allowed: `simulations/bench_serve_abuse.py`). Each pass is filled
-fairly: requests that have had no pass yet come first, in arrival order, then the chunks of those
-already started, least served first (round robin), so a large request's chunks never starve a small
-request queued after it: the small one waits at most for the pass in progress. When the queue holds less
-than a full pass, the oldest request waits at most `window_s` for company. Requests whose caller gave up
-(deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is `client.predict.score`,
-the function `fedbehavior predict` uses: texts are padded to the longest in the pass and pooling is
-masked, so a session's probabilities do not depend on what it was batched with, nor on how its request
-was cut. With `serve --runtime onnx|onnx-int8` the model in service carries an ONNX Runtime session
-(`Loaded.runner`, client.onnx_backbone) that computes the probabilities instead of the eager model.
+fairly: requests that have had no pass yet come first, in arrival order, then the chunks of those already
+started, least served first (round robin), so a large request's chunks never starve a small request
+queued after it: the small one waits at most for the pass in progress. When the queue holds less than a
+full pass, the oldest request waits at most `window_s` for company. Requests whose caller gave up
+(deadline passed, RPC cancelled) are dropped before their next chunk. Scoring is
+`client.evaluation.predict.score`, the function `fedbehavior predict` uses: texts are padded to the
+longest in the pass and pooling is masked, so a session's probabilities do not depend on what it was
+batched with, nor on how its request was cut. With `serve --runtime onnx|onnx-int8` the model in service
+carries an ONNX Runtime session (`Loaded.runner`, client.training.onnx_backbone) that computes the
+probabilities instead of the eager model.
 
 A request is scored by the model in service when it was queued (read from a `ModelSlot`); a reload
 replaces the slot's value only after the new model is fully loaded, so a request in progress finishes
@@ -33,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from client.predict import Input, inputs_of, score
+from client.evaluation.predict import Input, inputs_of, score
 from shared.schema import Event
 from shared.trained import Trained
 
 if TYPE_CHECKING:
-    from client.onnx_backbone import OnnxRunner
+    from client.training.onnx_backbone import OnnxRunner
 
 log = logging.getLogger(__name__)
 

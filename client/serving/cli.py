@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = dataclasses.replace(options_of(args), threads=threads)  # torch's and ONNX Runtime's
     torch.set_num_threads(threads)
     # predict's per-call progress line would log every batch: one a few milliseconds
-    logging.getLogger("client.predict").setLevel(logging.WARNING)
+    logging.getLogger("client.evaluation.predict").setLevel(logging.WARNING)
     server = start_server(Path(args.model), options)
     print(
         f"serving {args.model} on {args.host}:{server.port} (pid: SIGHUP reloads, SIGTERM stops)", flush=True

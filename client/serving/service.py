@@ -21,7 +21,7 @@
 - Hot reload (the Reload RPC, or SIGHUP to `fedbehavior serve`): the model folder is loaded again in
   full beside the one in service, then swapped in; a failed load keeps the old model (the log says why).
 - Runtime (--runtime): torch (eager, the default), onnx or onnx-int8 (ONNX Runtime on the CPU with
-  --threads threads, client.onnx_backbone): the graph is exported (or read from its cache) when the
+  --threads threads, client.training.onnx_backbone): the graph is exported (or read from its cache) when the
   model is loaded or reloaded, never on the scoring path.
 - Shutdown (`stop`, SIGTERM/SIGINT in the CLI): NOT_SERVING, refuse new RPCs, let those in flight
   finish within the grace period, then stop the batcher.
@@ -50,7 +50,7 @@ from client.serving.events import MAX_EVENTS, MAX_SESSIONS, EventReader, LimitEr
 from shared.trained import Trained, load_trained
 
 if TYPE_CHECKING:
-    from client.onnx_backbone import OnnxRunner
+    from client.training.onnx_backbone import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class ServeOptions:
     overrides: Mapping[str, Any] = field(default_factory=dict)  # run-config keys, as for predict
     device: str = "cpu"
     precision: str = "fp32"  # or bf16: see client.serving.batcher.PRECISIONS
-    runtime: str = "torch"  # or onnx, onnx-int8: see client.onnx_backbone.RUNTIMES
+    runtime: str = "torch"  # or onnx, onnx-int8: see client.training.onnx_backbone.RUNTIMES
     threads: int = 0  # ONNX Runtime's intra-op threads (0: its default); torch's are set by the CLI
-    onnx_cache: Path | None = None  # exported graphs (None: client.onnx_backbone.cache_root())
+    onnx_cache: Path | None = None  # exported graphs (None: client.training.onnx_backbone.cache_root())
     max_sessions: int = MAX_SESSIONS  # sessions (customer, session ids) per request
     max_events: int = MAX_EVENTS  # events per request
     max_request_bytes: int = 4 * 1024 * 1024  # one request message, serialized
@@ -95,7 +95,7 @@ class ServeOptions:
     tls_client_ca: Path | None = None  # mutual TLS: callers present a certificate this CA signed
 
     def __post_init__(self) -> None:
-        from client.onnx_backbone import check_runtime
+        from client.training.onnx_backbone import check_runtime
 
         check_runtime(self.runtime)  # a missing onnxruntime is named before the model loads
         if self.runtime != "torch":
@@ -447,7 +447,7 @@ class ScoringServer:
         trained = self._load(path)
         if self.options.runtime == "torch":
             return trained, None
-        from client.onnx_backbone import onnx_runner
+        from client.training.onnx_backbone import onnx_runner
 
         runner = onnx_runner(
             trained.model,

@@ -2,7 +2,7 @@
 
 The backbone's mean-pooled features of every example are computed once; then federated rounds of
 customer-level DP-SGD on the linear head alone run in milliseconds, with the project's own mechanism
-pieces (`client.customer_dp.clip_and_sum` / `noisy_mean`), noise calibrated by
+pieces (`client.training.customer_dp.clip_and_sum` / `noisy_mean`), noise calibrated by
 `shared.privacy.calibration.calibrate_noise` for the real plan (q = 1/⌈N/B⌉, ⌈N/B⌉ steps per epoch),
 and example-weighted FedAvg. What it shows holds for the head-only (linear-probe) mode exactly and
 guides the head's rate in LoRA+head mode, whose LoRA matrices it leaves out.
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.customer_dp import clip_and_sum, noisy_mean
-from client.data import Encoder
-from client.train import StepPlan
+from client.ingest.data import Encoder
+from client.training.customer_dp import clip_and_sum, noisy_mean
+from client.training.loop import StepPlan
 from shared.config import RunConfig, parse_sets
 from shared.model import load_tokenizer, resolve_backbone
 from shared.privacy.calibration import calibrate_noise

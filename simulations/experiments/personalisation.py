@@ -1,8 +1,8 @@
 """Does personalisation help each merchant? Local-only vs global vs personalised, per merchant.
 
 For every merchant folder (a `fedbehavior simulate` run's `<run>/merchants/merchant-i`, or the
-folders `fedbehavior split-store` writes), runs `client.personalize.personalize` on top of one global
-model (a run's `final/` or an export) and prints one row per merchant with the held-out AUC and log
+folders `fedbehavior split-store` writes), runs `client.evaluation.personalise.personalise` on top of one
+global model (a run's `final/` or an export) and prints one row per merchant with the held-out AUC and log
 loss of its local-only baseline (counts logistic regression on its own training customers), the
 global model, the fine-tuned model, and the model kept by the fallback rule, then the medians:
 
@@ -23,14 +23,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from client.personalize import (
+from client.evaluation.fine_tune import TRAIN_MODES, PersonaliseSettings
+from client.evaluation.personalise import (
     GLOBAL,
     KEPT,
     LOCAL,
     PERSONAL,
-    TRAIN_MODES,
-    PersonaliseSettings,
-    personalize,
+    personalise,
 )
 from shared.metrics import format_difference
 
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for folder in folders:
-        report = personalize(folder, out=out / folder.name, global_folder=global_folder, settings=settings)
+        report = personalise(folder, out=out / folder.name, global_folder=global_folder, settings=settings)
         print("\n".join(report.lines()), flush=True)
         rows.append(merchant_row(report))
     with (out / "results.jsonl").open("w", encoding="utf-8") as handle:

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.data import Encoder, MerchantData, load_events
-from client.train import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
+from client.ingest.data import Encoder, MerchantData, load_events
+from client.training.loop import DPSettings, StepPlan, TrainSettings, customer_groups, predict, train_dp
 from server.coordinator import NoMerchantTrainedError
 from shared.adapters import load_adapter
 from shared.config import RunConfig, parse_sets

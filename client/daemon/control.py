@@ -3,9 +3,10 @@
 `init_merchant` prepares a merchant folder (key pair + merchant.toml); `Merchant.start` launches the
 SuperNode with the merchant folder in its node config, so every ClientApp it runs reads this
 merchant's settings and data locally. The SuperNode runs only apps the merchant approved with
-`fedbehavior merchant trust` (`client/trust.py`, `client/supernode.py`); it does not start without one.
+`fedbehavior merchant trust` (`client/daemon/trust.py`, `client/daemon/supernode.py`); it does not start
+without one.
 With `[daemon] warm-executor = true` (the default) it runs with `--isolation process` and its launcher
-starts the merchant's warm executor as its child (`client/warm_exec.py`): each message is answered in
+starts the merchant's warm executor as its child (`client/daemon/warm_exec.py`): each message is answered in
 a fork of a process that has the libraries imported already; stopping the daemon stops both.
 The SuperNode reconnects by itself when the coordinator goes away and comes back; the ledger in
 `state/` survives restarts of either side.
@@ -18,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.daemon.trust import TrustStore
 from client.settings import TOML_FILE, MerchantSettings
-from client.trust import TrustStore
 from shared.daemon import Daemon, flower_env
 from shared.pki import check_secret_permissions, make_merchant_keys
 
@@ -171,7 +172,7 @@ class Merchant:
             sys.executable,
             "-I",
             "-m",
-            "client.supernode",
+            "client.daemon.supernode",
             "--merchant-dir",
             str(self.folder),
             "--trusted-entities",

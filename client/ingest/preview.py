@@ -28,7 +28,7 @@ def _data_folder(folder: Path) -> tuple[Path, str]:
 
 def preview(folder: Path, cfg: RunConfig, *, limit: int = 5, eval_fraction: float = 0.2) -> dict[str, Any]:
     """Examples as the model sees them: text, label, customer, session, split, token count."""
-    from client.data import Encoder, load_merchant_data
+    from client.ingest.data import Encoder, load_merchant_data
     from shared.model import load_tokenizer
 
     data_dir, merchant_id = _data_folder(folder)

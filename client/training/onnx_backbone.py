@@ -289,7 +289,7 @@ def export_onnx(
 
 
 class Encodings(Protocol):
-    """`client.encoded.Encoded`'s interface: its length and model inputs for some of its rows."""
+    """`client.ingest.encoded.Encoded`'s interface: its length and model inputs for some of its rows."""
 
     def __len__(self) -> int: ...
 
@@ -329,7 +329,7 @@ class OnnxRunner:
         return np.asarray(self.session.run([output], feeds)[0], dtype=np.float32)
 
     def probabilities(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Class probabilities as `client.predict.score` computes them from eager logits."""
+        """Class probabilities as `client.evaluation.predict.score` computes them from eager logits."""
         return torch.softmax(torch.from_numpy(self.run(batch, "logits")), dim=-1)
 
 
@@ -371,10 +371,10 @@ def onnx_pooled_features(
     cache_dir: str | Path | None = None,
 ) -> torch.Tensor:
     """What `model`'s head reads for `rows` of `encoded` (None: every row), N × hidden, float32, on
-    the CPU, computed by ONNX Runtime `chunk` rows per call: the values `client.features.head_inputs`
+    the CPU, computed by ONNX Runtime `chunk` rows per call: the values `client.training.features.head_inputs`
     computes eagerly (eval mode) within 1e-4 in float32 (int8 with `quantize`: see RUNTIMES).
 
-    `encoded`: a `client.encoded.Encoded` (anything with `len` and `inputs(rows, device)`) or the
+    `encoded`: a `client.ingest.encoded.Encoded` (anything with `len` and `inputs(rows, device)`) or the
     tokenizer's output. The graph (backbone and pooling, no head) is cached by the backbone's weights,
     so a head that changes every round exports nothing again; its session is kept in this process."""
     path = export_onnx(model, quantize=quantize, head=False, cache_dir=cache_dir)

@@ -1,9 +1,9 @@
 """DP-SGD training and evaluation loops, with no Flower in sight.
 
 The loop lives here, the mechanism (customer-level clipping + Gaussian noise over Poisson-sampled
-customers) in `client.customer_dp`, accounting in `shared.privacy`. Mechanism and accounting meet only
-through the `Charge` the caller writes to the ledger *before* the trained adapter leaves the merchant;
-`StepPlan` is what both use, so the ledger records the q and step count that actually ran.
+customers) in `client.training.customer_dp`, accounting in `shared.privacy`. Mechanism and accounting
+meet only through the `Charge` the caller writes to the ledger *before* the trained adapter leaves the
+merchant; `StepPlan` is what both use, so the ledger records the q and step count that actually ran.
 """
 
 from __future__ import annotations
@@ -21,15 +21,21 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 
-from client.customer_dp import CustomerIndex, clip_and_sum, noisy_mean, per_customer_gradients, poisson_sample
-from client.encoded import Encoded
-from client.features import Features, HeadOnFeatures, head_inputs, head_module
+from client.ingest.encoded import Encoded
+from client.training.customer_dp import (
+    CustomerIndex,
+    clip_and_sum,
+    noisy_mean,
+    per_customer_gradients,
+    poisson_sample,
+)
+from client.training.features import Features, HeadOnFeatures, head_inputs, head_module
 from shared.metrics import accuracy, macro_f1, roc_auc, top_k_accuracy
 from shared.model import trainable_parameters
 from shared.progress import progress
 
 if TYPE_CHECKING:
-    from client.feature_cache import FeatureCache
+    from client.training.feature_cache import FeatureCache
 
 # transformers 5 deprecates a property that PEFT still reads when wrapping a model; nothing to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -114,9 +120,9 @@ def train_dp(
     """Fine-tune the trainable parameters of `model` in place with customer-level DP-SGD.
 
     When only the head is trained (`trainable=head`) and `settings.frozen_features`, the backbone
-    runs once over `data` and the steps train the head on those features (`client.features`): the
+    runs once over `data` and the steps train the head on those features (`client.training.features`): the
     same mechanism, without a BERT pass per step. With a `feature_cache` (the merchant's own,
-    `client.feature_cache`), it runs only over the examples whose features are not cached yet.
+    `client.training.feature_cache`), it runs only over the examples whose features are not cached yet.
 
     `groups[i]` is the customer (0 … N-1) of example i; None means one customer per example, i.e.
     per-example DP-SGD. `seed` is for tests only: in production the sampling and the noise come from a

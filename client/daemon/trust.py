@@ -11,7 +11,7 @@ coordinator wants. The merchant therefore pins the exact bytes it reviewed:
 - The SuperNode starts with `--trusted-entities trust/trusted-entities.yaml`, which names only the
   merchant's approval key. Flower then refuses every FAB that lacks a valid signature by that key
   over sha256(its content): the run gets an error reply and none of the app's code is executed.
-- `client/supernode.py` (merchant-side code, not part of any FAB) attaches to each FAB fetched from
+- `client/daemon/supernode.py` (merchant-side code, not part of any FAB) attaches to each FAB fetched from
   the coordinator the merchant's stored signature for that content's hash, when there is one.
 
 Why not Flower's publisher signatures: they vouch for whoever holds the publisher key, and the party

@@ -3,7 +3,7 @@
 Input: anything the ingest reads (a Taobao/RetailRocket/YooChoose file, any CSV/Parquet/JSONL export
 with `--map` / `--behavior-map` / `--attribute`), or a merchant data folder (`store/` or
 `events.jsonl`). A file goes through `client.ingest.ingest` into a temporary folder and is then read
-with `client.data.load_events`, exactly as training reads it, so bad rows are quarantined with the
+with `client.ingest.data.load_events`, exactly as training reads it, so bad rows are quarantined with the
 same reasons; the quarantine is copied beside the output (`<out>.quarantine.parquet|jsonl`).
 
 What is scored, and why (the text is built like training builds it, `shared.text.serialize` within
@@ -19,7 +19,7 @@ What is scored, and why (the text is built like training builds it, `shared.text
   purchase, as in training; customers who never bought are counted as skipped.
 
 `--runtime onnx` / `onnx-int8` score with ONNX Runtime on the CPU instead of PyTorch (the optional
-extra: pip install 'fedbehavior[onnx]'; see client/onnx_backbone.py): the model is exported once
+extra: pip install 'fedbehavior[onnx]'; see client/training/onnx_backbone.py): the model is exported once
 (cached under $FEDBEHAVIOR_ONNX_CACHE, default ~/.cache/fedbehavior/onnx). onnx gives the same
 probabilities within 1e-4, 1.2-2.7x torch's speed on a busy 2-core CPU; onnx-int8 (int8 weights)
 2.4-5.2x, the same ranking (AUC within 1e-3) but probabilities moved by ~0.04 on average
@@ -52,7 +52,7 @@ from shared.text import serialize, tokenizer_counter
 from shared.trained import Trained, load_trained
 
 if TYPE_CHECKING:
-    from client.onnx_backbone import OnnxRunner
+    from client.training.onnx_backbone import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def score(
     runner: OnnxRunner | None = None,
 ) -> list[dict[str, Any]]:
     """One output row per input: its keys, event count, class probabilities and predicted label.
-    With `runner` (client.onnx_backbone), ONNX Runtime computes the probabilities on the CPU."""
+    With `runner` (client.training.onnx_backbone), ONNX Runtime computes the probabilities on the CPU."""
     device = torch.device("cpu") if runner is not None else device or next(trained.model.parameters()).device
     task, max_length = trained.task, trained.cfg.max_length
     count = tokenizer_counter(trained.tokenizer)
@@ -161,7 +161,7 @@ def read_events(
 ) -> tuple[list[Event], Path]:
     """Events of `source` (a merchant data folder, or any file the ingest reads, ingested into `work`)
     with the counts filled into `report`; returns them and the quarantine file written."""
-    from client.data import QUARANTINE_FILE, STORE_DIR, load_events
+    from client.ingest.data import QUARANTINE_FILE, STORE_DIR, load_events
 
     folder = source
     if not (source.is_dir() and ((source / STORE_DIR).is_dir() or (source / "events.jsonl").exists())):
@@ -199,8 +199,8 @@ def predict(
     """Score `events` with the model in `model` (a run's final/, the run folder, or an export) and
     write `out` (.csv or .jsonl). `overrides`: run-config keys the model folder lacks (older runs).
     `runtime`: torch, onnx or onnx-int8 (see the module docstring); `threads`: ONNX Runtime's threads
-    (0: its default); `onnx_cache`: where exported graphs are kept (see client.onnx_backbone)."""
-    from client.onnx_backbone import check_runtime
+    (0: its default); `onnx_cache`: where exported graphs are kept (see client.training.onnx_backbone)."""
+    from client.training.onnx_backbone import check_runtime
 
     out = Path(out)
     if out.suffix not in (".csv", ".jsonl"):
@@ -217,7 +217,7 @@ def predict(
     trained = load_trained(Path(model), overrides=overrides, device=torch_device)
     runner = None
     if runtime != "torch":
-        from client.onnx_backbone import onnx_runner
+        from client.training.onnx_backbone import onnx_runner
 
         runner = onnx_runner(trained.model, runtime, threads=threads, cache_dir=onnx_cache)
     with tempfile.TemporaryDirectory(prefix="fedbehavior-predict-") as tmp:

@@ -1,13 +1,13 @@
 """Personalisation: a merchant fine-tunes the global model on its own training customers, locally.
 
 The global adapter is public to every participant (each merchant receives it every round), so the
-merchant keeps the latest one it accepted (`client.global_model.save_global`, called from
-`client.merchant.evaluate_round`) in `<state_dir>/global/<run>/`, a run's `final/` format. `personalize`
+merchant keeps the latest one it accepted (`client.evaluation.global_model.save_global`, called from
+`client.merchant.evaluate_round`) in `<state_dir>/global/<run>/`, a run's `final/` format. `personalise`
 loads it (or any `final/` or export given with `--global`), trains the head (or LoRA + head) on the
 merchant's training customers without DP noise, picks the epoch on a validation slice of those training
 customers and compares the result there with the global model and the merchant's local-only baseline
-(counts logistic regression, `client.baseline`). The safe rule: keep the personalised model only if it
-beats both on validation, else fall back to the better of them. The three are then scored on the
+(counts logistic regression, `client.evaluation.baseline`). The safe rule: keep the personalised model
+only if it beats both on validation, else fall back to the better of them. The three are then scored on the
 merchant's held-out customers (the same split as federated training: they never train). The local-only
 baseline is also scored out of fold over every training customer (`CV_FOLDS` folds), a steadier
 estimate of what the merchant gets alone than either small slice. The metrics are written to
@@ -25,31 +25,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from client.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
-from client.data import Encoder, MerchantData, load_merchant_data
-from client.encoded import Encoded
-from client.global_model import latest_global, now, save_model_folder
+from client.evaluation.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
+from client.evaluation.fine_tune import (
+    PersonaliseSettings,
+    Scores,
+    fine_tune,
+    start_model,
+    trainable_state,
+)
+from client.evaluation.global_model import latest_global, now, save_model_folder
+from client.ingest.data import Encoder, MerchantData, load_merchant_data
+from client.ingest.encoded import Encoded
 from client.settings import MerchantSettings
-from client.train import TrainSettings, make_optimizer, predict
-from shared.adapters import load_adapter
+from client.training.loop import predict
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
-from shared.metrics import AucDifference, paired_auc_difference, roc_auc
-from shared.model import build_model, freeze_for, load_tokenizer, resolve_backbone, resolve_device
+from shared.metrics import AucDifference, paired_auc_difference
+from shared.model import load_tokenizer, resolve_device
 from shared.tasks import Candidate, one_per_customer, split_customers, up_to_k_per_customer
-from shared.trained import ADAPTER_CONFIG, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -58,56 +62,8 @@ LOCAL_ONLY_FILE = "local-only.json"
 STATE_LOG = "personalisation.jsonl"
 LOCAL, GLOBAL, PERSONAL = "local-only", "global", "personalised"
 KEPT = "kept"  # the model the safe rule chose
-TRAIN_MODES = ("head", "lora+head")
+
 CV_FOLDS = 5
-
-
-# --- settings and scores ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PersonaliseSettings:
-    """How the merchant fine-tunes. Every field is a local choice; none is sent anywhere."""
-
-    train: str = "head"  # "head" (LoRA kept as received) or "lora+head"
-    epochs: int = 20  # the most; the epoch kept is the best on validation
-    patience: int = 4  # stop after this many epochs without a better validation score
-    learning_rate: float = 0.01  # the head's AdamW rate
-    lora_learning_rate: float = 0.001
-    batch_size: int = 32
-    validation_fraction: float = 0.2  # of the *training* customers: the held-out ones never train
-    examples_per_customer: int = 4  # sessions per training customer (validation: one, like held-out)
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.train not in TRAIN_MODES:
-            raise ValueError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.examples_per_customer < 1:
-            raise ValueError("--epochs, patience, --batch-size and examples per customer must be ≥ 1")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"--validation-fraction must be in (0, 1), got {self.validation_fraction}")
-        if self.learning_rate <= 0 or self.lora_learning_rate <= 0:
-            raise ValueError("--learning-rate and --lora-learning-rate must be positive")
-
-
-@dataclass(frozen=True)
-class Scores:
-    """AUC (binary tasks with both labels present, else None) and mean log loss."""
-
-    auc: float | None
-    loss: float
-    examples: int
-
-    @classmethod
-    def of(cls, labels: np.ndarray, probs: np.ndarray) -> Scores:
-        picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-        auc = roc_auc(labels, probs[:, 1]) if probs.shape[1] == 2 else None
-        return cls(auc, float(-np.log(picked).mean()), len(labels))
-
-    def key(self) -> tuple[float, float]:
-        """Larger is better: AUC first where there is one (the goal's metric), then lower loss."""
-        return (self.auc if self.auc is not None else -math.inf, -self.loss)
 
 
 def choose(validation: Mapping[str, Scores]) -> str:
@@ -119,38 +75,7 @@ def choose(validation: Mapping[str, Scores]) -> str:
     return GLOBAL if validation[GLOBAL].key() >= validation[LOCAL].key() else LOCAL
 
 
-# --- the starting model -----------------------------------------------------------------------------
-
-
-def start_model(folder: Path, mode: str, device: torch.device) -> tuple[torch.nn.Module, RunConfig, str]:
-    """The global model, trainable as `mode` asks: (model, run config, backbone). A run's `final/`
-    loads as its backbone + adapter; an export becomes the backbone of a fresh LoRA adapter (B = 0:
-    the same function), so the result is a `final/` over the export folder."""
-    folder = Path(folder)
-    if (folder / "final" / ADAPTER_CONFIG).exists():
-        folder = folder / "final"
-    if not folder.is_dir() or not any(folder.glob("*.json")):
-        raise FileNotFoundError(
-            f"--global {folder} is not a model folder: pass a run's final/, an export, or omit it to use "
-            "the global model this merchant kept (<state_dir>/global/latest.json)"
-        )
-    cfg = read_run_config(folder)
-    exported = not (folder / ADAPTER_CONFIG).exists()
-    backbone = str(folder.resolve()) if exported else resolve_backbone(cfg.backbone)
-    # every LoRA tensor in the spec, so the saved adapter loads whole; frozen below as `mode` asks
-    full = replace(cfg.lora, trainable="lora+head", mode="lora")
-    model = build_model(
-        backbone, num_labels=cfg.task_spec.num_labels, lora=full, device=device, pooling=cfg.pooling
-    )
-    if not exported:
-        from safetensors.torch import load_file
-
-        load_adapter(model, load_file(str(folder / "adapter_model.safetensors")))
-    freeze_for(model, replace(full, trainable=mode))
-    return model, cfg.model_copy(update={"backbone": backbone}), backbone
-
-
-# --- training ---------------------------------------------------------------------------------------
+# --- the examples -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -190,100 +115,12 @@ def _labels(candidates: list[Candidate]) -> np.ndarray:
     return np.asarray([c.label for c in candidates], dtype=np.int64)
 
 
-def _head(model: torch.nn.Module) -> torch.nn.Module:
-    head = model.get_submodule("base_model.model.classifier")
-    return head
-
-
-@torch.no_grad()
-def head_inputs(
-    model: torch.nn.Module, data: Encoded, device: torch.device, batch: int = 128
-) -> torch.Tensor:
-    """What the classifier head reads for every example (the pooled vector): with the backbone and
-    LoRA frozen, head-only training needs the backbone once, not once per epoch."""
-    captured: list[torch.Tensor] = []
-    hook = _head(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().cpu()))
-    try:
-        model.eval()
-        for start in range(0, len(data), batch):
-            sl = slice(start, start + batch)
-            model(**data.inputs(sl, device))
-    finally:
-        hook.remove()
-    return torch.cat(captured) if captured else torch.zeros(0)
-
-
-@dataclass
-class Fitted:
-    """The trained model's best epoch and the validation score after every epoch (0 = the global)."""
-
-    best_epoch: int
-    history: list[dict[str, float | None]] = field(default_factory=list)
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def fine_tune(
-    model: torch.nn.Module,
-    fit: Encoded,
-    validation: Encoded,
-    settings: PersonaliseSettings,
-    device: torch.device,
-) -> Fitted:
-    """Plain (non-DP) AdamW on `fit`, early-stopped on `validation`; `model` ends at its best epoch."""
-    head_only = settings.train == "head"
-    if head_only:  # the head is linear in what it reads: train it on cached inputs
-        fit_x, val_x = head_inputs(model, fit, device), head_inputs(model, validation, device)
-    optimizer = make_optimizer(
-        model,
-        TrainSettings(learning_rate=settings.learning_rate, lora_learning_rate=settings.lora_learning_rate),
-    )
-    generator = torch.Generator().manual_seed(settings.seed)
-    val_labels = validation.labels.numpy()
-
-    def validate() -> Scores:
-        if head_only:
-            with torch.no_grad():
-                _head(model).eval()
-                probs = torch.softmax(_head(model)(val_x.to(device)).float(), dim=-1).cpu().numpy()
-            return Scores.of(val_labels, probs)
-        return Scores.of(val_labels, predict(model, validation, batch_size=128, device=device)[0])
-
-    best, best_state, fitted = validate(), _trainable_state(model), Fitted(0)
-    fitted.history.append({"epoch": 0, "auc": best.auc, "loss": best.loss})
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
-        for rows in torch.randperm(len(fit), generator=generator).split(settings.batch_size):
-            labels = fit.labels[rows].to(device)
-            if head_only:
-                logits = _head(model)(fit_x[rows].to(device))
-            else:
-                logits = model(**fit.inputs(rows, device)).logits
-            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        score = validate()
-        fitted.history.append({"epoch": epoch, "auc": score.auc, "loss": score.loss})
-        if score.key() > best.key():
-            best, best_state, fitted.best_epoch = score, _trainable_state(model), epoch
-        elif epoch - fitted.best_epoch >= settings.patience:
-            break
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in best_state.items():
-            params[name].copy_(value)
-    model.eval()
-    return fitted
-
-
 # --- the whole step ---------------------------------------------------------------------------------
 
 
 @dataclass
 class PersonaliseReport:
-    """What `personalize` did and measured. Exact, local: written to the state folder, never sent."""
+    """What `personalise` did and measured. Exact, local: written to the state folder, never sent."""
 
     merchant_id: str
     train: str
@@ -355,7 +192,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def personalize(
+def personalise(
     merchant_dir: Path,
     *,
     out: Path,
@@ -394,7 +231,7 @@ def personalize(
         held_probs[name] = predict(model, held, batch_size=128, device=device)[0]
         return Scores.of(held_labels, held_probs[name])
 
-    global_state = _trainable_state(model)
+    global_state = trainable_state(model)
     validation, held_out = {GLOBAL: scores(val, split.validation)}, {GLOBAL: held_scores(GLOBAL)}
     fitted = fine_tune(model, fit, val, settings, device)
     validation[PERSONAL], held_out[PERSONAL] = scores(val, split.validation), held_scores(PERSONAL)
@@ -484,7 +321,10 @@ def _write_out(
         if local is not None:
             atomic_write_json(
                 staged / LOCAL_ONLY_FILE,
-                {"features": "client.baseline.behaviour_counts", "weights": local.weights.tolist()},
+                {
+                    "features": "client.evaluation.baseline.behaviour_counts",
+                    "weights": local.weights.tolist(),
+                },
             )
         (staged / "README.md").write_text(model_card(cfg, report), encoding="utf-8")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -515,7 +355,7 @@ def model_card(cfg: RunConfig, report: PersonaliseReport) -> str:
 # --- command line -----------------------------------------------------------------------------------
 
 
-def cmd_personalize(args: argparse.Namespace) -> int:
+def cmd_personalise(args: argparse.Namespace) -> int:
     settings = PersonaliseSettings(
         train=args.train,
         epochs=args.epochs,
@@ -525,7 +365,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         device=args.device,
     )
-    report = personalize(
+    report = personalise(
         Path(args.merchant_dir),
         out=Path(args.out),
         global_folder=Path(args.global_folder) if args.global_folder else None,
@@ -534,29 +374,3 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     print("\n".join(report.lines()))
     print(f"written to {args.out}; metrics appended to the merchant's state folder ({STATE_LOG})")
     return 0
-
-
-def add_personalize_cli(merchant_subparsers: Any) -> argparse.ArgumentParser:
-    """Register `fedbehavior merchant personalize` on the `merchant` subparsers."""
-    defaults = PersonaliseSettings()
-    parser: argparse.ArgumentParser = merchant_subparsers.add_parser(
-        "personalize",
-        help="fine-tune the global model on your own customers (local, not DP towards them)",
-    )
-    parser.add_argument("merchant_dir")
-    parser.add_argument(
-        "--global",
-        dest="global_folder",
-        default="",
-        help="a run's final/ or an export (default: the global model this merchant kept last)",
-    )
-    parser.add_argument("--train", choices=TRAIN_MODES, default=defaults.train)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="at most; early-stopped")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--lora-learning-rate", type=float, default=defaults.lora_learning_rate)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--out", required=True, help="the personalised model folder (final/ format)")
-    parser.set_defaults(func=cmd_personalize)
-    return parser

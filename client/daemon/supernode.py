@@ -1,6 +1,6 @@
 """The merchant's SuperNode process: Flower's `flower-supernode` that runs only apps the merchant approved.
 
-`fedbehavior merchant start` runs `python -I -m client.supernode --merchant-dir DIR <flower-supernode
+`fedbehavior merchant start` runs `python -I -m client.daemon.supernode --merchant-dir DIR <flower-supernode
 arguments, --trusted-entities included>`. This module is the merchant's own installed code (never
 part of a FAB; `-I` keeps the working folder off `sys.path`). Before Flower's SuperNode starts, it
 wraps the connection's `get_fab` so that every FAB fetched from the coordinator carries the merchant's
@@ -10,7 +10,7 @@ executing nothing of it. If the wrapper cannot be installed the SuperNode does n
 skipped anyway, Flower would refuse every FAB (no verification entry at all), so it fails closed.
 
 With `--isolation process` (the default of `fedbehavior merchant start`, `[daemon] warm-executor`)
-this launcher also starts the merchant's warm SuperExec (`client/warm_exec.py`) as its own child,
+this launcher also starts the merchant's warm SuperExec (`client/daemon/warm_exec.py`) as its own child,
 the way Flower's SuperNode starts `flower-superexec` in subprocess mode: one process tree per merchant
 (stopping or killing the SuperNode takes its ClientApps with it) and one log. The two share a fresh
 SuperExec auth secret (Flower's HMAC on task acquisition, `state/superexec-auth.secret`, 0600), so no
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from client.trust import KEY_ID, VALID_LICENSE, TrustStore
+from client.daemon.trust import KEY_ID, VALID_LICENSE, TrustStore
 
 log = logging.getLogger("flwr")  # Flower's logger: the refusal lands in the SuperNode log, formatted alike
 
@@ -171,11 +171,11 @@ def write_secret(path: Path) -> Path:
 
 
 def warm_executor_command(options: argparse.Namespace, secret: Path | None) -> list[str]:
-    """`python -I -m client.warm_exec ...` for a SuperNode started with `options`, this process its parent."""
+    """`python -I -m client.daemon.warm_exec ...` for a SuperNode started with `options` (its parent)."""
     from flwr.supercore.address import resolve_bind_address
 
     address = resolve_bind_address(f"{options.host}:{options.port}")
-    cmd = [sys.executable, "-I", "-m", "client.warm_exec", "--runtime-api-address", address]
+    cmd = [sys.executable, "-I", "-m", "client.daemon.warm_exec", "--runtime-api-address", address]
     cmd += ["--parent-pid", str(os.getpid())]
     if options.ssl_certfile and options.ssl_ca_certfile:  # the Runtime API speaks TLS: verify it with its CA
         cmd += ["--root-certificates", str(Path(options.ssl_ca_certfile).expanduser())]
@@ -207,7 +207,7 @@ def start_warm_executor(cmd: list[str]) -> subprocess.Popen[bytes]:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse `--merchant-dir`, install the approval check, hand the other arguments to Flower."""
-    parser = argparse.ArgumentParser(prog="python -m client.supernode", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m client.daemon.supernode", add_help=False)
     parser.add_argument("--merchant-dir", required=True)
     known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if "--trusted-entities" not in rest:

@@ -6,12 +6,12 @@ head reads for an example (its pooled sentence embedding) is the same at every s
 computes it once, with the model in eval mode (no dropout: the features are the deterministic
 embedding the merchant's model would score with); the DP-SGD loop then runs on `HeadOnFeatures`,
 and Opacus computes the head's per-example gradients from those features. The mechanism is unchanged
-(same sampling, clipping and noise, `client.customer_dp`), so the ledger's charge is unchanged; only
+(same sampling, clipping and noise, `client.training.customer_dp`), so the ledger's charge is unchanged; only
 the cost of an epoch falls from a BERT forward + backward per example to a matrix product, which is
 what makes several local epochs affordable on a CPU.
 
 Within a run (and across runs) the backbone does not change either, so the merchant's feature cache
-(`client.feature_cache`) keeps each text's features on its disk: a later round computes only the
+(`client.training.feature_cache`) keeps each text's features on its disk: a later round computes only the
 texts it has not seen.
 """
 
@@ -26,8 +26,8 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 if TYPE_CHECKING:
-    from client.encoded import Encoded
-    from client.feature_cache import FeatureCache, FeatureSpace
+    from client.ingest.encoded import Encoded
+    from client.training.feature_cache import FeatureCache, FeatureSpace
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ def head_inputs(
     """Run `model` once over `data` (eval mode, `chunk` examples at a time) and keep what `head`
     receives: the pooled embedding whatever the pooling (mean, unit-length mean, [CLS]).
 
-    With a `cache` (`client.feature_cache`), rows whose features it holds for this exact backbone,
+    With a `cache` (`client.training.feature_cache`), rows whose features it holds for this exact backbone,
     pooling, max length and token ids are read from it, the backbone runs over the others only (in
     their order, `chunk` at a time) and their features are stored. A hit is the tensor an earlier
     forward pass computed; when nothing hits, the passes are exactly those made without a cache. A
     cache that cannot be read or written is skipped (logged): it never fails a round.
 
     `runtime`: `torch`, or `onnx` / `onnx-int8` to compute the features with ONNX Runtime on the CPU
-    (`client.onnx_backbone`: within 1e-4 of PyTorch in float32; int8 keeps the ranking, not the
+    (`client.training.onnx_backbone`: within 1e-4 of PyTorch in float32; int8 keeps the ranking, not the
     values). The cache keeps each runtime's features apart."""
     if runtime != "torch" and device.type != "cpu":
         log.warning("feature-runtime %s runs on the CPU only; features with torch on %s", runtime, device)
@@ -153,7 +153,7 @@ def _backbone_features(
 ) -> torch.Tensor:
     """What `head` receives for `rows` of `data` (None: all of them), `chunk` rows per forward pass."""
     if runtime != "torch":
-        from client.onnx_backbone import onnx_pooled_features
+        from client.training.onnx_backbone import onnx_pooled_features
 
         return onnx_pooled_features(model, data, rows=rows, chunk=chunk, quantize=runtime == "onnx-int8")
     captured: list[torch.Tensor] = []

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from client.encoded import Encoded
-    from client.features import Features
+    from client.ingest.encoded import Encoded
+    from client.training.features import Features
 
 EPS = 1e-6  # as Opacus: keeps the clip factor finite for a zero gradient
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from client.encoded import Encoded
+from client.ingest.encoded import Encoded
 from shared.candidates import build_candidates
 from shared.fileio import atomic_write_bytes
 from shared.schema import Event, RowReason, row_reason
@@ -257,7 +257,7 @@ def load_merchant_data(
 ) -> MerchantData:
     """Events (and, for customer-label, the merchant's labels) of `data_dir`, validated with bad rows
     quarantined to `quarantine_dir`, built into `task`'s split examples: what training and preview see."""
-    from client.labels import find_labels, load_labels
+    from client.ingest.labels import find_labels, load_labels
 
     events, report = load_events(data_dir, quarantine_dir)
     labels = None

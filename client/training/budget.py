@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from client.settings import MerchantSettings
-from client.train import StepPlan
+from client.training.loop import StepPlan
 from shared.adapters import AdapterSpec, OutgoingGuardError
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json

@@ -1,8 +1,8 @@
 """The global model a merchant keeps: the latest global adapter it accepted, in a run's `final/` format.
 
 Every participant receives the global adapter each round, so keeping it releases nothing. It lets the
-merchant personalise (`client.personalize`) or score (`fedbehavior predict`) without waiting for the
-coordinator to publish the run's `final/`.
+merchant personalise (`client.evaluation.personalise`) or score (`fedbehavior predict`) without waiting
+for the coordinator to publish the run's `final/`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tokenised examples as tensors: what the training loop, the frozen features and their cache read
-(`client.data` builds them)."""
+(`client.ingest.data` builds them)."""
 
 from __future__ import annotations
 

@@ -3,13 +3,13 @@
 Exact loss, accuracy, F1 and AUC never leave the merchant. An evaluation releases, per model
 evaluated on the held-out customers, a `shared.histograms.Histogram` with Gaussian noise of
 multiplier `eval-noise-multiplier` on every count (sensitivity 1: one held-out customer is one
-example, one count). The local-only baseline (`client.baseline`) is released once per run: its
+example, one count). The local-only baseline (`client.evaluation.baseline`) is released once per run: its
 weights are perturbed (one Gaussian mechanism towards the training customers), then its held-out
 histogram is noised like the model's. Every release is one step of a Gaussian mechanism, i.e. a
 ledger `Charge(noise_multiplier=σ, sample_rate=1.0, steps=releases)`, written before anything is
 sent and composed by the ledger's accountant with the training charges.
 
-How often a merchant answers, and what each answer charges, is decided in `client.budget` (the
+How often a merchant answers, and what each answer charges, is decided in `client.training.budget` (the
 run book counts evaluations per run record, under the ledger's lock, before the charge). Its exact
 metrics (and exact fine histograms) go to `evaluation-log.jsonl` in the state folder, for the
 merchant's own eyes only.

@@ -10,27 +10,24 @@ import pytest
 import torch
 
 from client import merchant
-from client.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
-from client.global_model import GLOBAL_DIR, LATEST_FILE, latest_global
-from client.personalize import (
+from client.cli import add_personalise_cli
+from client.evaluation.baseline import LogisticRegression, behaviour_counts, cross_validated_probabilities
+from client.evaluation.fine_tune import PersonaliseSettings, Scores, fine_tune, start_model
+from client.evaluation.global_model import GLOBAL_DIR, LATEST_FILE, latest_global
+from client.evaluation.personalise import (
     GLOBAL,
     LOCAL,
     LOCAL_ONLY_FILE,
     PERSONAL,
     REPORT_FILE,
     STATE_LOG,
-    PersonaliseSettings,
-    Scores,
     Split,
-    add_personalize_cli,
     choose,
-    fine_tune,
-    personalize,
-    start_model,
+    personalise,
 )
-from client.predict import predict as predict_file
+from client.evaluation.predict import predict as predict_file
 from client.settings import MerchantSettings
-from client.train import predict
+from client.training.loop import predict
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.synthetic import generate_merchant
@@ -127,7 +124,7 @@ def test_lora_mode_trains_lora_and_head(tiny_bert: str, shop: Path) -> None:
 def test_personalise_end_to_end_and_predict_on_the_result(tiny_bert: str, shop: Path, tmp_path: Path) -> None:
     settings, cfg, _ = kept_global(tiny_bert, shop)
     out = tmp_path / "personal"
-    report = personalize(shop, out=out, settings=PersonaliseSettings(epochs=6, learning_rate=0.05))
+    report = personalise(shop, out=out, settings=PersonaliseSettings(epochs=6, learning_rate=0.05))
     # never trained (nor validated) on held-out customers: the split federated training uses
     data = merchant._prepare(settings, cfg)[2]
     assert report.held_out_ids == set(data.eval_customers)
@@ -161,22 +158,22 @@ def test_personalise_end_to_end_and_predict_on_the_result(tiny_bert: str, shop: 
     assert result.rows == len(rows) > 0
     assert all(abs(r["p_no-buy"] + r["p_buy"] - 1) < 1e-5 for r in rows)
     # running again replaces the earlier personalisation; anything else is refused
-    personalize(shop, out=out, settings=PersonaliseSettings(epochs=1))
+    personalise(shop, out=out, settings=PersonaliseSettings(epochs=1))
     other = tmp_path / "busy"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds something else"):
-        personalize(shop, out=other, settings=PersonaliseSettings(epochs=1))
+        personalise(shop, out=other, settings=PersonaliseSettings(epochs=1))
 
 
 def test_fallback_to_local_only_keeps_its_model(
     tiny_bert: str, shop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client import personalize as module
+    from client.evaluation import personalise as module
 
     settings, cfg, _ = kept_global(tiny_bert, shop)
     monkeypatch.setattr(module, "choose", lambda validation: LOCAL)
-    report = personalize(shop, out=tmp_path / "p", settings=PersonaliseSettings(epochs=1))
+    report = personalise(shop, out=tmp_path / "p", settings=PersonaliseSettings(epochs=1))
     assert report.chosen == LOCAL
     weights = np.asarray(json.loads((tmp_path / "p" / LOCAL_ONLY_FILE).read_text())["weights"])
     data = merchant._prepare(settings, cfg)[2]
@@ -228,8 +225,8 @@ def test_cli_parses_the_documented_command() -> None:
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    add_personalize_cli(sub)
-    args = parser.parse_args(["personalize", "m0", "--global", "g", "--train", "lora+head", "--out", "o"])
+    add_personalise_cli(sub)
+    args = parser.parse_args(["personalise", "m0", "--global", "g", "--train", "lora+head", "--out", "o"])
     assert (args.merchant_dir, args.global_folder, args.train, args.out) == ("m0", "g", "lora+head", "o")
     assert args.epochs == PersonaliseSettings().epochs
     with pytest.raises(ValueError, match="--train"):
@@ -250,7 +247,7 @@ def test_an_export_as_the_global_model(tiny_bert: str, shop: Path, tmp_path: Pat
     # a fresh adapter over the export (B = 0) computes what the export computes
     expected, _ = predict(load_trained(export).model, encoded, batch_size=64, device=CPU)
     np.testing.assert_allclose(predict(model, encoded, batch_size=64, device=CPU)[0], expected, atol=1e-5)
-    report = personalize(
+    report = personalise(
         shop, out=tmp_path / "p", global_folder=export, settings=PersonaliseSettings(epochs=2)
     )
     assert load_trained(tmp_path / "p").kind == "adapter" and report.global_folder == str(export)

@@ -4,9 +4,9 @@ heavy libraries imported already, so a message no longer pays 6-8 s of imports b
 Flower's SuperNode with `--isolation subprocess` starts `flower-superexec`, which `Popen`s a fresh
 `flwr-clientapp` interpreter for every message: it imports torch, transformers, peft and opacus again
 (5.7-7.9 s on a 2-core host) before the app can even refuse. Here the SuperNode runs with
-`--isolation process` and `client.supernode` starts this module beside it:
+`--isolation process` and `client.daemon.supernode` starts this module beside it:
 
-    python -I -m client.warm_exec --runtime-api-address 127.0.0.1:<runtime-port> --parent-pid <pid>
+    python -I -m client.daemon.warm_exec --runtime-api-address 127.0.0.1:<runtime-port> --parent-pid <pid>
         [--insecure | --root-certificates CA] [--superexec-auth-secret-file FILE]
 
 1. It imports the third-party libraries a ClientApp needs (`PRELOAD`), once. It imports none of the
@@ -17,7 +17,7 @@ Flower's SuperNode with `--isolation subprocess` starts `flower-superexec`, whic
    `flwr-clientapp`. The child forgets every project module, refuses to import one from anywhere but
    the installed FAB's folder, and calls Flower's `run_clientapp` exactly as `flwr-clientapp` would:
    it pulls the message, the context and the FAB the SuperNode verified and stored (this process never
-   fetches or trusts a FAB; `client/supernode.py` gates them), installs it, loads `client.app:app`
+   fetches or trusts a FAB; `client/daemon/supernode.py` gates them), installs it, loads `client.app:app`
    from it, runs it, pushes the reply and exits. One child at a time (`ForkExecutor` says when a
    second may start); children are reaped between polls, and stopped with the executor.
 3. It polls for tasks every `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` seconds (default here 0.05, Flower's 1.0).
@@ -438,7 +438,7 @@ def install_executor(executor: ForkExecutor) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -I -m client.warm_exec", description=__doc__.splitlines()[0]
+        prog="python -I -m client.daemon.warm_exec", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API host:port")
     parser.add_argument(
@@ -472,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.monotonic()
     done, skipped = preload()
     log_the_apps_lines()
-    own = [m for m in project_modules_loaded() if m not in ("client", "client.warm_exec")]
+    mine = ("client", "client.daemon", "client.daemon.warm_exec")
+    own = [m for m in project_modules_loaded() if m not in mine]
     if own:  # a preloaded library imported project code: the children could run it; refuse to start
         raise SystemExit(f"warm executor: preloading imported the project's own modules {own}")
     log.info(

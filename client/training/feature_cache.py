@@ -2,7 +2,7 @@
 
 In head mode (`trainable=head`) everything below the classifier is fixed, so the pooled embedding
 the head reads for a text is a pure function of (the weights below the head, the pooling, the
-tokenised text). `client.features.head_inputs` looks every example up here first and runs the
+tokenised text). `client.training.features.head_inputs` looks every example up here first and runs the
 backbone only over the misses: a round after the first, and a second run on the same data, costs
 no forward pass for texts the merchant has already embedded.
 
@@ -56,7 +56,7 @@ import torch
 from shared.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from client.encoded import Encoded
+    from client.ingest.encoded import Encoded
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training and DP: the DP-SGD loop, the customer-level mechanism, the budget room, frozen features."""
