@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
@@ -24,25 +23,13 @@ from shared.protocol import Reason, Reply, Status
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+SettingsOf = Callable[[Context], MerchantSettings]
+"""Where a message's merchant settings come from: its node's context → the merchant's settings."""
 
 
-def _settings(context: Context, cfg: RunConfig) -> MerchantSettings:
-    if "partition-id" in context.node_config and cfg.sim_root:
-        # Simulated merchant: materialise its synthetic shop on first use, in its own folder.
-        from shared.synthetic import ensure_merchant
-
-        pid = int(context.node_config["partition-id"])
-        ensure_merchant(
-            cfg.sim_seed, pid, Path(cfg.sim_root) / f"merchant-{pid}", base_customers=cfg.sim_customers
-        )
-        settings = from_node_config(context.node_config, cfg.sim_root)
-        # the simulation owns its merchants: their policy admits the simulation's backbone (a
-        # deployed SuperNode has no partition-id, and its policy is the merchant's alone)
-        policy = settings.policy
-        backbones = policy.model_copy(update={"backbones": (*policy.backbones, cfg.backbone)})
-        return settings.model_copy(update={"policy": backbones})
-    return from_node_config(context.node_config, cfg.sim_root)
+def node_settings(context: Context) -> MerchantSettings:
+    """A deployed merchant's settings: its SuperNode's node config names its folder (or its keys)."""
+    return from_node_config(context.node_config)
 
 
 # The reason a refusal or failure carries when the merchant code gave none.
@@ -65,7 +52,7 @@ def _message(msg: Message, reply: Reply) -> Message:
 Handler = Callable[[RunConfig, protocol.Request, MerchantSettings], Reply]
 
 
-def _answer(msg: Message, context: Context, handler: Handler, kind: str) -> Message:
+def _answer(msg: Message, context: Context, handler: Handler, kind: str, settings_of: SettingsOf) -> Message:
     """Run `handler` on the decoded request. Any exception becomes a `failed` reply with a fixed
     reason and its text is logged here only: left to Flower, `str(exception)` would be sent to the
     coordinator verbatim."""
@@ -77,7 +64,7 @@ def _answer(msg: Message, context: Context, handler: Handler, kind: str) -> Mess
         log.error("refusing a malformed %s request: %s", kind, err)
         return _message(msg, Reply(kind, Status.FAILED, reason=Reason.BAD_REQUEST))
     try:
-        settings = _settings(context, cfg)
+        settings = settings_of(context)
     except Exception:
         log.exception("%s request: merchant settings could not be loaded", kind)
         return _message(msg, Reply(kind, Status.FAILED, reason=Reason.ERROR))
@@ -125,11 +112,32 @@ def _evaluate(cfg: RunConfig, request: protocol.Request, settings: MerchantSetti
     return _reply(protocol.EVALUATE, outcome, metrics=released, histograms=histograms)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, _train, protocol.TRAIN)
+def train(msg: Message, context: Context, settings_of: SettingsOf = node_settings) -> Message:
+    """Answer a training message as the merchant `settings_of(context)` names."""
+    return _answer(msg, context, _train, protocol.TRAIN, settings_of)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, _evaluate, protocol.EVALUATE)
+def evaluate(msg: Message, context: Context, settings_of: SettingsOf = node_settings) -> Message:
+    """Answer an evaluation message as the merchant `settings_of(context)` names."""
+    return _answer(msg, context, _evaluate, protocol.EVALUATE, settings_of)
+
+
+def build_client_app(settings_of: SettingsOf = node_settings) -> ClientApp:
+    """A ClientApp whose merchants' settings come from `settings_of`. Deployed: `app` below, each
+    SuperNode's node config. A simulation passes its own (`simulations.run.SimulatedMerchants`): the
+    ClientApp knows nothing of simulated shops."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train_message(msg: Message, context: Context) -> Message:
+        return train(msg, context, settings_of)
+
+    @client_app.evaluate()
+    def _evaluate_message(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, settings_of)
+
+    return client_app
+
+
+app = build_client_app()
+"""What a merchant's SuperNode runs (`clientapp = "client.app:app"` in pyproject.toml)."""

@@ -203,12 +203,12 @@ class MerchantSettings(FileSettings):
         return cls.load(None, source=source, **values)
 
 
-def from_node_config(node_config: Mapping[str, Any], sim_root: str) -> MerchantSettings:
+def from_node_config(node_config: Mapping[str, Any]) -> MerchantSettings:
     """Merchant settings from a SuperNode's node config.
 
     A deployed merchant sets `merchant-dir` (a folder with `merchant.json`) or the individual keys
-    `merchant-id`, `data-dir`, `state-dir`, `max-epsilon`, `delta`. A simulated merchant has only
-    `partition-id`; its folder is `<sim-root>/merchant-<partition-id>`.
+    `merchant-id`, `data-dir`, `state-dir`, `max-epsilon`, `delta`. (A simulated merchant's settings
+    come from the simulation, `simulations.run.SimulatedMerchants`.)
     """
     keys = {
         k.replace("-", "_"): v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")
@@ -219,10 +219,6 @@ def from_node_config(node_config: Mapping[str, Any], sim_root: str) -> MerchantS
     if "data_dir" in keys:
         keys.setdefault("state_dir", Path(str(keys["data_dir"])) / "state")
         return MerchantSettings.parse(keys, source="node config")
-    if "partition-id" in node_config and sim_root:
-        return MerchantSettings.from_merchant_dir(
-            Path(sim_root) / f"merchant-{int(node_config['partition-id'])}"
-        )
     raise ValueError(
         "this SuperNode has no merchant settings: start it with "
         "--node-config \"merchant-dir='/path/to/merchant'\" "

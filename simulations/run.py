@@ -10,16 +10,41 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from client.settings import MerchantSettings
 from server.app import build_server_app, resolve_paths
 from server.metrics import MetricsLog
 from shared.config import RunConfig
 from shared.synthetic import ensure_merchant
 from simulations.exact import exact_rounds, format_table
 
+if TYPE_CHECKING:
+    from flwr.app import Context
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulatedMerchants:
+    """The simulation's merchants, as the ClientApp's `settings_of`: Flower numbers its virtual
+    nodes (`partition-id`), and node i is the merchant folder `<root>/merchant-i`, prepared before the
+    run (`simulate`). The simulation owns these merchants, so their policy admits its backbone; a
+    deployed merchant's policy stays its own (`client.app.node_settings`)."""
+
+    root: Path
+    backbone: str
+
+    def __call__(self, context: Context) -> MerchantSettings:
+        if "partition-id" not in context.node_config:
+            raise ValueError("a simulated merchant's node has a partition-id; this one has none")
+        folder = self.root / f"merchant-{int(context.node_config['partition-id'])}"
+        settings = MerchantSettings.from_merchant_dir(folder)
+        policy = settings.policy
+        backbones = policy.model_copy(update={"backbones": (*policy.backbones, self.backbone)})
+        return settings.model_copy(update={"policy": backbones})
 
 
 def simulate(
@@ -50,7 +75,7 @@ def simulate(
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from client.app import app as client_app
+    from client.app import build_client_app
 
     # Flower logs through its own console handler; without this its DEBUG records also reach ours.
     logging.getLogger("flwr").propagate = False
@@ -74,7 +99,7 @@ def simulate(
     _run_simulation(
         num_supernodes=merchants,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
+        client_app=build_client_app(SimulatedMerchants(Path(cfg.sim_root), cfg.backbone)),
         server_app=build_server_app(cfg.to_record(), announce=False),
         backend_config=backend,  # type: ignore[arg-type]
     )

@@ -75,9 +75,7 @@ def ask(kind: str, msg: Message, s: MerchantSettings) -> protocol.Reply:
     """The reply of the real ClientApp handler, as the coordinator decodes it, from merchant `s`."""
     handler = client_app.train if kind == protocol.TRAIN else client_app.evaluate
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(client_app, "_settings", lambda _context, _cfg: s)
-        reply = handler(msg, context)
+    reply = handler(msg, context, lambda _context: s)
     return protocol.decode_reply(kind, reply.content)
 
 

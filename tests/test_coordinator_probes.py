@@ -327,14 +327,20 @@ def test_the_packaged_backbone_is_allowed_by_name_or_by_folder(tiny_bert: str, s
 
 
 def test_a_simulated_merchant_admits_the_simulations_backbone(tmp_path: Path) -> None:
-    """The Ray simulation owns its merchants (Flower gives them a partition-id); a deployed
-    merchant's node config has none, and its policy stays its own."""
+    """The Ray simulation owns its merchants (Flower gives them a partition-id, the simulation
+    passes its own settings to the ClientApp); a deployed merchant's policy stays its own."""
     from flwr.app import Context, RecordDict
 
-    import client.app as client_app
+    from client.app import node_settings
+    from shared.synthetic import ensure_merchant
+    from simulations.run import SimulatedMerchants
 
-    cfg = RunConfig(backbone="bert-base-chinese", sim_root=str(tmp_path), sim_customers=20)
+    ensure_merchant(7, 0, tmp_path / "merchant-0", base_customers=20)
     simulated = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
-    assert "bert-base-chinese" in client_app._settings(simulated, cfg).policy.backbones
+    merchants = SimulatedMerchants(tmp_path, "bert-base-chinese")
+    assert "bert-base-chinese" in merchants(simulated).policy.backbones
+    assert merchants(simulated).data_dir == (tmp_path / "merchant-0").resolve()
     deployed = Context(1, 1, {"merchant-id": "m", "data-dir": str(tmp_path)}, RecordDict(), {})
-    assert "bert-base-chinese" not in client_app._settings(deployed, cfg).policy.backbones
+    assert "bert-base-chinese" not in node_settings(deployed).policy.backbones
+    with pytest.raises(ValueError, match="no merchant settings"):
+        node_settings(simulated)  # the deployed ClientApp knows nothing of simulated shops

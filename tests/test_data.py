@@ -189,31 +189,24 @@ def test_from_merchant_dir_without_file_needs_merchant_id(tmp_path: Path) -> Non
 
 def test_from_node_config_merchant_dir(tmp_path: Path) -> None:
     folder = write_merchant(tmp_path / "m2", merchant_id="shop-2", delta=1e-5)
-    s = from_node_config({"merchant-dir": str(folder)}, sim_root="")
+    s = from_node_config({"merchant-dir": str(folder)})
     assert s == MerchantSettings.from_merchant_dir(folder)
     assert s.merchant_id == "shop-2"
     assert s.delta == 1e-5
     # kebab-case keys next to merchant-dir override merchant.json
-    s2 = from_node_config({"merchant-dir": str(folder), "max-epsilon": 2.0}, sim_root="")
+    s2 = from_node_config({"merchant-dir": str(folder), "max-epsilon": 2.0})
     assert s2.max_epsilon == 2.0
 
 
 def test_from_node_config_individual_keys(tmp_path: Path) -> None:
-    s = from_node_config({"merchant-id": "m", "data-dir": str(tmp_path)}, sim_root="")
+    s = from_node_config({"merchant-id": "m", "data-dir": str(tmp_path)})
     assert s.data_dir == tmp_path
     assert s.state_dir == tmp_path / "state"
 
 
-def test_from_node_config_simulated_partition(tmp_path: Path) -> None:
-    write_merchant(tmp_path / "merchant-3", merchant_id="sim-3")
-    s = from_node_config({"partition-id": 3, "num-partitions": 5}, sim_root=str(tmp_path))
-    assert s.merchant_id == "sim-3"
-    assert s.data_dir == tmp_path / "merchant-3"
-
-
 def test_from_node_config_empty_raises() -> None:
     with pytest.raises(ValueError, match="merchant-dir"):
-        from_node_config({}, sim_root="")
+        from_node_config({})
 
 
 @pytest.mark.parametrize("delta", [1e-2, 0.05, 0.5, 0.0, -1e-6])
@@ -223,8 +216,7 @@ def test_delta_out_of_range_rejected(tmp_path: Path, delta: float) -> None:
         MerchantSettings.from_merchant_dir(folder)
     with pytest.raises(ValueError, match="delta"):
         from_node_config(
-            {"merchant-dir": str(write_merchant(tmp_path / "ok", merchant_id="x")), "delta": delta},
-            sim_root="",
+            {"merchant-dir": str(write_merchant(tmp_path / "ok", merchant_id="x")), "delta": delta}
         )
 
 
