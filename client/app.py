@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from client import merchant
 from client.settings import MerchantSettings, from_node_config
 from shared import protocol
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.protocol import Reason, Reply, Status
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _message(msg: Message, reply: Reply) -> Message:
     return Message(content=protocol.encode_reply(reply), reply_to=msg)
 
 
-Handler = Callable[[RunConfig, protocol.Request, MerchantSettings], Reply]
+Handler = Callable[[MerchantPlan, protocol.Request, MerchantSettings], Reply]
 
 
 def _answer(msg: Message, context: Context, handler: Handler, kind: str, settings_of: SettingsOf) -> Message:
@@ -59,7 +59,7 @@ def _answer(msg: Message, context: Context, handler: Handler, kind: str, setting
     log.info("ClientApp: %s message %s received", kind, msg.metadata.message_id)
     try:
         request = protocol.decode_request(msg.content)
-        cfg = RunConfig.parse(request.config)
+        cfg = MerchantPlan.parse(request.config)
     except ValueError as err:  # BadRequestError or an invalid run config
         log.error("refusing a malformed %s request: %s", kind, err)
         return _message(msg, Reply(kind, Status.FAILED, reason=Reason.BAD_REQUEST))
@@ -83,7 +83,7 @@ def _reply(kind: str, outcome: merchant.RoundOutcome | merchant.EvalOutcome, **v
     return Reply(kind, status, outcome.merchant_id, _reason(status, outcome.code), metrics=metrics, **values)
 
 
-def _train(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
+def _train(cfg: MerchantPlan, request: protocol.Request, settings: MerchantSettings) -> Reply:
     outcome = merchant.train_round(
         settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
     )
@@ -97,7 +97,7 @@ def _train(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings
     return _reply(protocol.TRAIN, outcome, metrics=trained, adapter=outcome.adapter, privacy=outcome.privacy)
 
 
-def _evaluate(cfg: RunConfig, request: protocol.Request, settings: MerchantSettings) -> Reply:
+def _evaluate(cfg: MerchantPlan, request: protocol.Request, settings: MerchantSettings) -> Reply:
     outcome = merchant.evaluate_round(
         settings, cfg, request.adapter, server_round=request.server_round, run_id=request.run_key
     )

@@ -31,9 +31,10 @@ from client.training.budget import Budget, Refusal, RunRecord
 from client.training.feature_cache import FeatureCache, open_cache
 from client.training.loop import DPSettings, TrainSettings, customer_groups, predict, train_dp
 from shared.adapters import AdapterSpec, AdapterState, extract_adapter, load_adapter, outgoing_guard
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
-from shared.model import LoraSpec, build_model, load_tokenizer, resolve_backbone, resolve_device
+from shared.model import build_model, load_tokenizer, resolve_backbone, resolve_device
+from shared.model_spec import LoraSpec, Pooling
 from shared.privacy import Ledger
 from shared.protocol import Reason, Status
 from shared.tasks import TaskSpec, one_per_customer
@@ -74,7 +75,7 @@ def ledger_parameters(ledger: Ledger) -> dict[str, str]:
 
 @lru_cache(maxsize=2)
 def cached_model(
-    backbone: str, num_labels: int, lora: LoraSpec, pooling: str, device: str
+    backbone: str, num_labels: int, lora: LoraSpec, pooling: Pooling, device: str
 ) -> torch.nn.Module:
     log.info("building model %s on %s (once per process)", backbone, device)
     return build_model(backbone, num_labels=num_labels, lora=lora, device=device, pooling=pooling)
@@ -119,7 +120,7 @@ def cached_data(
     return data
 
 
-def _model(settings: MerchantSettings, cfg: RunConfig) -> tuple[torch.nn.Module, Encoder, torch.device]:
+def _model(settings: MerchantSettings, cfg: MerchantPlan) -> tuple[torch.nn.Module, Encoder, torch.device]:
     """The model and encoder of the plan: public inputs only (no customer data is read here)."""
     device = resolve_device(settings.device)
     backbone = resolve_backbone(cfg.backbone)
@@ -132,7 +133,7 @@ def feature_cache(settings: MerchantSettings) -> FeatureCache | None:
     return open_cache(settings.feature_cache_dir, settings.feature_cache_mb)
 
 
-def _data(settings: MerchantSettings, cfg: RunConfig) -> MerchantData:
+def _data(settings: MerchantSettings, cfg: MerchantPlan) -> MerchantData:
     return cached_data(
         settings.data_dir,
         settings.state_dir,
@@ -145,7 +146,7 @@ def _data(settings: MerchantSettings, cfg: RunConfig) -> MerchantData:
 
 
 def _prepare(
-    settings: MerchantSettings, cfg: RunConfig
+    settings: MerchantSettings, cfg: MerchantPlan
 ) -> tuple[torch.nn.Module, Encoder, MerchantData, torch.device]:
     model, encoder, device = _model(settings, cfg)
     return model, encoder, _data(settings, cfg), device
@@ -165,7 +166,7 @@ def open_ledger(settings: MerchantSettings) -> Ledger:
 
 
 def _admit(
-    settings: MerchantSettings, cfg: RunConfig, adapter: AdapterState, run_id: str
+    settings: MerchantSettings, cfg: MerchantPlan, adapter: AdapterState, run_id: str
 ) -> tuple[Budget, RunRecord, torch.nn.Module, Encoder, torch.device]:
     """Everything decided before the data is read: the run record (policy, pinned plan, caps) and
     the incoming adapter's public bounds. Raises `Refusal`; nothing is charged here."""
@@ -184,7 +185,7 @@ def _admit(
 
 def train_round(
     settings: MerchantSettings,
-    cfg: RunConfig,
+    cfg: MerchantPlan,
     adapter: AdapterState,
     *,
     server_round: int,
@@ -316,7 +317,7 @@ class EvalOutcome:
 
 
 def keep_global(
-    settings: MerchantSettings, model: torch.nn.Module, cfg: RunConfig, *, run_id: str, server_round: int
+    settings: MerchantSettings, model: torch.nn.Module, cfg: MerchantPlan, *, run_id: str, server_round: int
 ) -> None:
     """Keep the accepted global adapter (loaded in `model`) for personalisation, in
     `<state_dir>/global/`. Every participant receives it, so keeping it releases nothing."""
@@ -328,7 +329,7 @@ def keep_global(
 
 def evaluate_round(
     settings: MerchantSettings,
-    cfg: RunConfig,
+    cfg: MerchantPlan,
     adapter: AdapterState,
     *,
     server_round: int = 0,

@@ -49,7 +49,7 @@ class GridFederation:
         self, kind: str, nodes: Sequence[int], adapter: AdapterState, cfg: RunConfig, server_round: int
     ) -> list[Reply]:
         content = protocol.encode_request(
-            protocol.Request(cfg.to_record(), server_round, self.run_key, dict(adapter))
+            protocol.Request(cfg.plan_record(), server_round, self.run_key, dict(adapter))
         )
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
         received = list(self.grid.send_and_receive(messages, timeout=self.timeout))

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 
 import torch
 
-AGGREGATIONS = ("robust", "fedavg", "trimmed-mean", "median")
-
 # A median over fewer values is decided by a single merchant: below this, fall back to the history
 # of earlier rounds or to the absolute bound.
 MIN_UPDATES_FOR_MEDIAN = 3

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from shared.adapters import AdapterState
-
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+from shared.config import SERVER_OPTIMIZERS
 
 # FedAdam's second-moment decay and adaptivity τ: Reddi et al.'s values (β₂ = 0.99, τ = 1e-3). τ also
 # damps coordinates whose deltas are tiny (DP-noised LoRA matrices) instead of inflating them to ±η.

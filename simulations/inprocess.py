@@ -47,7 +47,9 @@ class InProcessFederation:
 
     def _request(self, kind: str, node: int, adapter: AdapterState, cfg: RunConfig, rnd: int) -> Message:
         self._sent += 1
-        content = protocol.encode_request(protocol.Request(cfg.to_record(), rnd, self.run_key, dict(adapter)))
+        content = protocol.encode_request(
+            protocol.Request(cfg.plan_record(), rnd, self.run_key, dict(adapter))
+        )
         metadata = Metadata(
             run_id=1,
             message_id=f"m{self._sent}",

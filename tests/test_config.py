@@ -150,3 +150,65 @@ def test_lora_property_parses_target_modules(modules: str, expected: tuple[str, 
     assert lora.r == 4
     assert lora.alpha == 32
     assert lora.dropout == 0.1
+
+
+def test_the_plan_and_the_coordinators_keys_split_the_config() -> None:
+    from shared.config import COORDINATOR_ONLY_KEYS, PLAN_KEYS, MerchantPlan
+
+    record = RunConfig().to_record()
+    assert set(PLAN_KEYS) | set(COORDINATOR_ONLY_KEYS) == set(record)
+    assert not set(PLAN_KEYS) & set(COORDINATOR_ONLY_KEYS)
+    assert {"aggregation", "run-name", "runs-dir", "sim-root", "min-available-nodes"} <= set(
+        COORDINATOR_ONLY_KEYS
+    )
+    assert {"task", "backbone", "num-rounds", "trainable", "max-grad-norm", "seed"} <= set(PLAN_KEYS)
+    # a merchant parses the plan alone: a coordinator-only key in a message is an unknown key
+    assert MerchantPlan.parse(RunConfig().plan_record()) == RunConfig().plan()
+    with pytest.raises(ValueError, match="aggregation: unknown key"):
+        MerchantPlan.parse({**RunConfig().plan_record(), "aggregation": "median"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("aggregation", "median"),
+        ("trim-fraction", 0.1),
+        ("server-optimizer", "fedadam"),
+        ("round-timeout", 30.0),
+        ("run-name", "other"),
+        ("runs-dir", "/elsewhere"),
+        ("sim-root", "/sim"),
+        ("sim-seed", 99),
+        ("fraction-train", 0.5),
+        ("min-available-nodes", 7),
+        ("resume", True),
+    ],
+)
+def test_a_coordinator_only_key_never_changes_the_plan(key: str, value: object) -> None:
+    assert RunConfig.parse({key: value}).plan_record() == RunConfig().plan_record()
+
+
+def test_list_keys_are_parsed_once_and_cross_the_wire_as_one_string() -> None:
+    cfg = RunConfig.parse({"leak-roles": " cart, fav ,", "lora-target-modules": ["query", "key"]})
+    assert cfg.leak_roles == ("cart", "fav") and cfg.lora_target_modules == ("query", "key")
+    assert cfg.to_record()["leak-roles"] == "cart,fav"
+    assert cfg.to_record()["lora-target-modules"] == "query,key"
+    assert cfg.lora.target_modules == ("query", "key")
+    assert RunConfig.parse(cfg.to_record()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("trainable", "lora"), ("lora-mode", "xla"), ("pooling", "max"), ("eval-split", "random")],
+)
+def test_choice_keys_are_typed_and_name_their_choices(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=rf"{key}: Input should be"):
+        RunConfig.parse({key: value})
+
+
+def test_parsing_the_config_imports_no_torch() -> None:
+    import subprocess
+
+    script = "import sys, shared.config as c; c.RunConfig.parse({}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

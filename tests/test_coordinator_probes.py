@@ -47,7 +47,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def plan(tiny_bert: str, **extra: object) -> dict[str, object]:
     values = {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2}
-    return RunConfig.parse({**values, **extra}).to_record()
+    return RunConfig.parse({**values, **extra}).plan_record()
 
 
 def history(s) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -300,7 +300,7 @@ def test_a_backbone_outside_the_policy_is_refused_before_loading(
 ) -> None:
     s = settings(shop, tmp_path / "state", tiny_bert)
     elsewhere = str(tmp_path / "not-approved")
-    config = RunConfig(backbone=elsewhere).to_record()
+    config = RunConfig(backbone=elsewhere).plan_record()
     reply = ask("train", message("train", config, {"w": torch.zeros(1)}), s)
     assert (reply.status, reply.reason) == (Status.REFUSED, Reason.POLICY) and history(s) == []
     assert budgets.policy_problem(s, RunConfig(backbone=tiny_bert)) is None

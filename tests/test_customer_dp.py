@@ -14,7 +14,8 @@ from client.training import loop as train_module
 from client.training.customer_dp import CustomerIndex, clip_and_sum, per_customer_gradients
 from client.training.loop import DPSettings, DPStep, StepPlan, TrainSettings, customer_groups, train_dp
 from shared.adapters import extract_adapter
-from shared.model import LoraSpec, build_model, trainable_parameters
+from shared.model import build_model, trainable_parameters
+from shared.model_spec import LoraSpec
 from shared.schema import Behavior, Event
 from shared.tasks import Candidate, one_per_customer, up_to_k_per_customer
 from tests.test_dp_training import encode, model_with_nonzero_b, per_example_grads

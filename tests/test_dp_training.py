@@ -11,7 +11,8 @@ from client.ingest.encoded import Encoded
 from client.training.customer_dp import CustomerIndex
 from client.training.loop import DPSettings, DPStep, StepPlan, TrainSettings, evaluate, train_dp
 from shared.adapters import extract_adapter, load_adapter
-from shared.model import LoraSpec, build_model, load_tokenizer, trainable_parameters
+from shared.model import build_model, load_tokenizer, trainable_parameters
+from shared.model_spec import LoraSpec
 
 TEXTS = [
     "view iphone 12 手机 phones 5999 ; search phone price",

@@ -20,7 +20,8 @@ from client.training.features import head_inputs, head_module
 from client.training.loop import DPSettings, TrainSettings, predict, train_dp
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
-from shared.model import LoraSpec, build_model, load_tokenizer
+from shared.model import build_model, load_tokenizer
+from shared.model_spec import LoraSpec
 from shared.synthetic import generate_merchant
 
 CPU = torch.device("cpu")

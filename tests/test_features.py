@@ -9,7 +9,8 @@ import torch
 from client.training.features import HeadOnFeatures, head_inputs, head_module
 from client.training.loop import DPSettings, TrainSettings, train_dp
 from shared.adapters import extract_adapter
-from shared.model import POOLING, LoraSpec, build_model
+from shared.model import POOLING, build_model
+from shared.model_spec import LoraSpec
 from tests.test_customer_dp import module_clipped_sum
 from tests.test_dp_training import encode
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.model import LoraSpec, build_model, load_tokenizer
+from shared.model import build_model, load_tokenizer
+from shared.model_spec import LoraSpec
 
 
 @pytest.mark.parametrize("pooling", ["mean-l2", "mean"])

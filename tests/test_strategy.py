@@ -20,7 +20,8 @@ from server.coordinator import (
 from server.strategy import Update, fedavg, validate_update, weighted_metrics
 from shared.adapters import AdapterSpec, OutgoingGuardError, extract_adapter, outgoing_guard
 from shared.config import RunConfig
-from shared.model import LoraSpec, build_model
+from shared.model import build_model
+from shared.model_spec import LoraSpec
 
 
 def test_fedavg_equals_hand_computed_weighted_average() -> None:

@@ -53,7 +53,7 @@ def request(kind: str = "train", *, drop: str | None = None, **config: object) -
     """The coordinator's request to node 7, as the SuperLink delivers it; `drop` removes a record."""
     records: dict[str, Any] = {
         protocol.ARRAYS: ArrayRecord({"w": torch.zeros(2)}),
-        protocol.CONFIG: ConfigRecord({**RunConfig().to_record(), **config}),  # type: ignore[dict-item]
+        protocol.CONFIG: ConfigRecord({**RunConfig().plan_record(), **config}),  # type: ignore[dict-item]
         protocol.ROUND: ConfigRecord({protocol.SERVER_ROUND: 1, protocol.RUN_KEY: "run"}),
     }
     if drop is not None:
@@ -332,3 +332,30 @@ def test_a_run_where_every_merchant_refuses_says_who_and_why(
         "m3": ("refused-budget", "policy"),
         "m4": ("refused-budget", "policy"),
     }
+
+
+def test_the_coordinator_sends_the_plan_and_nothing_of_its_own(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message's config is the merchants' plan, key for key: no coordinator-only key leaves."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from shared.config import COORDINATOR_ONLY_KEYS, PLAN_KEYS
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    received: list[dict[str, Any]] = []
+
+    def answer(node: int, msg: Message) -> Message:
+        received.append(dict(msg.content.config_records[protocol.CONFIG]))
+        return merchant_answer(1, msg)
+
+    cfg = RunConfig.parse(
+        {"backbone": tiny_bert, "num-rounds": 1, "lora-r": 2, "aggregation": "median", "run-name": "secret"}
+    )
+    federation = GridFederation(FakeGrid(answer), "run", timeout=None)  # type: ignore[arg-type]
+    Coordinator(cfg, federation, tmp_path / "run", console=False).run()
+    assert received, "no message was sent"
+    for config in received:
+        assert set(config) == set(PLAN_KEYS) and not set(config) & set(COORDINATOR_ONLY_KEYS)
+        assert config == cfg.plan_record()

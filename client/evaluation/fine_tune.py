@@ -15,12 +15,13 @@ import torch
 from client.ingest.encoded import Encoded
 from client.training.loop import TrainSettings, make_optimizer, predict
 from shared.adapters import load_adapter
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.metrics import roc_auc
 from shared.model import build_model, freeze_for, resolve_backbone
+from shared.model_spec import TRAINABLE, Trainable
 from shared.trained import ADAPTER_CONFIG, read_run_config
 
-TRAIN_MODES = ("head", "lora+head")
+TRAIN_MODES: tuple[Trainable, ...] = TRAINABLE
 
 # --- settings and scores ----------------------------------------------------------------------------
 
@@ -29,7 +30,7 @@ TRAIN_MODES = ("head", "lora+head")
 class PersonaliseSettings:
     """How the merchant fine-tunes. Every field is a local choice; none is sent anywhere."""
 
-    train: str = "head"  # "head" (LoRA kept as received) or "lora+head"
+    train: Trainable = "head"  # "head" (LoRA kept as received) or "lora+head"
     epochs: int = 20  # the most; the epoch kept is the best on validation
     patience: int = 4  # stop after this many epochs without a better validation score
     learning_rate: float = 0.01  # the head's AdamW rate
@@ -73,7 +74,9 @@ class Scores:
 # --- the starting model -----------------------------------------------------------------------------
 
 
-def start_model(folder: Path, mode: str, device: torch.device) -> tuple[torch.nn.Module, RunConfig, str]:
+def start_model(
+    folder: Path, mode: Trainable, device: torch.device
+) -> tuple[torch.nn.Module, MerchantPlan, str]:
     """The global model, trainable as `mode` asks: (model, run config, backbone). A run's `final/`
     loads as its backbone + adapter; an export becomes the backbone of a fresh LoRA adapter (B = 0:
     the same function), so the result is a `final/` over the export folder."""

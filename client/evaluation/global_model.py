@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.fileio import atomic_write_bytes, atomic_write_json
 from shared.trained import RUN_CONFIG_FILE
 
@@ -39,7 +39,7 @@ def publish(staged: Path, target: Path) -> None:
         atomic_write_bytes(target / path.name, path.read_bytes())
 
 
-def save_model_folder(model: torch.nn.Module, folder: Path, cfg: RunConfig) -> None:
+def save_model_folder(model: torch.nn.Module, folder: Path, cfg: MerchantPlan) -> None:
     """The model's PEFT adapter (`save_pretrained`) and its run config: a run's `final/` format."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
@@ -49,13 +49,13 @@ def save_model_folder(model: torch.nn.Module, folder: Path, cfg: RunConfig) -> N
 
 
 def save_global(
-    state_dir: Path, model: torch.nn.Module, cfg: RunConfig, *, run_id: str, server_round: int
+    state_dir: Path, model: torch.nn.Module, cfg: MerchantPlan, *, run_id: str, server_round: int
 ) -> Path:
-    """Keep the global adapter loaded in `model` as `<state_dir>/global/<run>/` (run-name, else the
-    run id) and point `<state_dir>/global/latest.json` at it. The adapter is what the coordinator sent
-    every participant, so keeping it releases nothing."""
+    """Keep the global adapter loaded in `model` as `<state_dir>/global/<run>/` (the coordinator's run
+    key: its run name) and point `<state_dir>/global/latest.json` at it. The adapter is what the
+    coordinator sent every participant, so keeping it releases nothing."""
     root = Path(state_dir) / GLOBAL_DIR
-    folder = root / _folder_name(cfg.run_name or run_id)
+    folder = root / _folder_name(run_id)
     save_model_folder(model, folder, cfg)
     pointer = {"run": folder.name, "run_id": run_id, "round": server_round, "saved_at": now()}
     atomic_write_json(root / LATEST_FILE, pointer)

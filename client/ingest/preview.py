@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig, parse_sets
+from shared.config import MerchantPlan, parse_sets
 
 
 def _data_folder(folder: Path) -> tuple[Path, str]:
@@ -26,7 +26,7 @@ def _data_folder(folder: Path) -> tuple[Path, str]:
     return folder, folder.resolve().name
 
 
-def preview(folder: Path, cfg: RunConfig, *, limit: int = 5, eval_fraction: float = 0.2) -> dict[str, Any]:
+def preview(folder: Path, cfg: MerchantPlan, *, limit: int = 5, eval_fraction: float = 0.2) -> dict[str, Any]:
     """Examples as the model sees them: text, label, customer, session, split, token count."""
     from client.ingest.data import Encoder, load_merchant_data
     from shared.model import load_tokenizer
@@ -77,7 +77,7 @@ def preview(folder: Path, cfg: RunConfig, *, limit: int = 5, eval_fraction: floa
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    cfg = RunConfig.parse({"task": args.task, **parse_sets(args.set)})
+    cfg = MerchantPlan.parse({"task": args.task, **parse_sets(args.set)})
     result = preview(Path(args.folder), cfg, limit=args.limit)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))

@@ -42,7 +42,7 @@ import torch
 from client.settings import MerchantSettings
 from client.training.loop import StepPlan
 from shared.adapters import AdapterSpec, OutgoingGuardError
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.fileio import atomic_write_json
 from shared.privacy import BudgetExceededError, Charge, Ledger, epsilon_of
 from shared.privacy.calibration import CalibrationError, calibrate_noise
@@ -54,29 +54,6 @@ RUNS_FILE = "runs.json"
 DELTA_FACTOR = 10  # δ must stay below 1/(DELTA_FACTOR · customers)
 BASELINE_RELEASES = 2
 """The local baseline's perturbed weights and its noisy histogram: two Gaussian mechanisms."""
-SERVER_ONLY_KEYS = frozenset(
-    {
-        "aggregation",
-        "trim-fraction",
-        "update-norm-factor",
-        "max-update-norm",
-        "max-weight-factor",
-        "server-optimizer",
-        "server-learning-rate",
-        "server-momentum",
-        "round-timeout",
-        "resume",
-        "run-name",
-        "runs-dir",
-        "fraction-train",
-        "fraction-evaluate",
-        "min-train-nodes",
-        "min-evaluate-nodes",
-        "min-available-nodes",
-    }
-)
-"""Run-config keys only the coordinator reads: not part of the plan a merchant pins (a resumed or
-re-tuned coordinator may change them without changing what any merchant computes)."""
 
 
 class Refusal(Exception):
@@ -99,12 +76,12 @@ def bad_request(detail: str) -> Refusal:
 # ------------------------------------------------------------------------------------- the plan
 
 
-def pinned_plan(cfg: RunConfig) -> dict[str, Any]:
+def pinned_plan(cfg: MerchantPlan) -> dict[str, Any]:
     """The part of the run config that decides what a merchant computes (canonical, JSON-able)."""
-    return {k: v for k, v in sorted(cfg.to_record().items()) if k not in SERVER_ONLY_KEYS}
+    return cfg.plan_record()
 
 
-def policy_problem(settings: MerchantSettings, cfg: RunConfig) -> str | None:
+def policy_problem(settings: MerchantSettings, cfg: MerchantPlan) -> str | None:
     """Why `cfg` is outside the merchant's `[policy]`, or None. Public: settings and plan only."""
     policy = settings.policy
     checks = [
@@ -231,7 +208,7 @@ class Budget:
 
     # -- admission (under the lock) ---------------------------------------------------------------
 
-    def admit(self, cfg: RunConfig, key: str, *, now: float | None = None) -> RunRecord:
+    def admit(self, cfg: MerchantPlan, key: str, *, now: float | None = None) -> RunRecord:
         """The run record of this message's run: found by key with the same plan, or started now if
         the policy and the window's run cap allow. Raises `Refusal`."""
         now = time.time() if now is None else now
@@ -303,7 +280,7 @@ class Budget:
             return None
         return release_charge(record.record_id, server_round, self.settings.size_noise_multiplier, releases=1)
 
-    def reserved(self, record: RunRecord, cfg: RunConfig) -> list[Charge]:
+    def reserved(self, record: RunRecord, cfg: MerchantPlan) -> list[Charge]:
         """What the run's releases other than training charge at most: its evaluations (with the
         baseline) and its size estimate. Training noise is calibrated with these reserved."""
         out = planned_evaluation_charges(
@@ -392,7 +369,7 @@ def delta_problem(delta: float, customers: int) -> str | None:
     return None
 
 
-def round_plan(budget: Budget, record: RunRecord, cfg: RunConfig, size: int) -> tuple[StepPlan, float]:
+def round_plan(budget: Budget, record: RunRecord, cfg: MerchantPlan, size: int) -> tuple[StepPlan, float]:
     """This run's DP-SGD plan and σ for public size `size`: the most local epochs of
     `cfg.epoch_options` whose σ fits under the merchant's noise ceiling and the run's target, with the
     run's other releases reserved. Reads only earlier runs' charges, so every round of a run gets the
@@ -432,7 +409,7 @@ def round_plan(budget: Budget, record: RunRecord, cfg: RunConfig, size: int) -> 
 
 
 def training_charge(
-    budget: Budget, record: RunRecord, cfg: RunConfig, server_round: int, size: int
+    budget: Budget, record: RunRecord, cfg: MerchantPlan, server_round: int, size: int
 ) -> tuple[StepPlan, float]:
     """Plan, count and charge one training round of `record` (under the lock). Raises `Refusal`."""
     if not 1 <= server_round <= cfg.num_rounds:
