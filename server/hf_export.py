@@ -6,7 +6,8 @@ the tokenizer, `config.json` with `id2label`/`label2id`, and, for the default me
 modelling code (`modeling_fedbehavior.py`, named in `auto_map`): it loads with
 `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` where neither
 fedbehavior nor peft is installed. `--adapter-only` copies the run's PEFT folder instead. Both carry
-`README.md` (the model card) and `privacy.json` (`server.provenance`).
+`privacy.json`, the provenance record built from the run folder's data (`server.provenance`), and
+`README.md`, the model card rendered from that record (`shared.model_card`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import server.modeling_fedbehavior as modeling
-from server.provenance import privacy_record, provenance_markdown, trained_description
+from server.provenance import PRIVACY_FILE, privacy_record, write_provenance
 from shared.config import RunConfig
 from shared.model import MEAN_POOLINGS
+from shared.model_card import EXPORT, CardOptions
 from shared.trained import ADAPTER_CONFIG, EXPORT_KEY, load_trained, quietly, read_run_config
 
+__all__ = [
+    "EXPORT_CONFIG_KEYS",
+    "MODELING_FILE",
+    "PRIVACY_FILE",
+    "add_export_cli",
+    "cmd_export",
+    "export_run",
+    "loading",
+    "merge_to",
+]
+
 MODELING_FILE = "modeling_fedbehavior.py"
-PRIVACY_FILE = "privacy.json"
 EXPORT_CONFIG_KEYS = (
     "task",
     "category-labels",
@@ -63,8 +75,8 @@ def export_run(run_dir: Path, out: Path, *, adapter_only: bool = False) -> Path:
         shutil.copytree(final, out, dirs_exist_ok=True)
     else:
         merge_to(final, out, cfg)
-    (out / PRIVACY_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(model_card(cfg, record, adapter_only=adapter_only), encoding="utf-8")
+    options = CardOptions(kind=EXPORT, merged=not adapter_only, loading=tuple(loading(cfg, adapter_only)))
+    write_provenance(out, record, options)
     return out
 
 
@@ -98,12 +110,19 @@ def merge_to(final: Path, out: Path, cfg: RunConfig) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _loading(cfg: RunConfig, adapter_only: bool) -> list[str]:
+def loading(cfg: RunConfig, adapter_only: bool) -> list[str]:
+    """How to load an export, and what its inputs are: the card's `loading` lines."""
+    inputs = (
+        f"Inputs are behaviour events as text (fedbehavior's serializer, at most {cfg.max_length} tokens); "
+        "`fedbehavior predict` builds them from any export the ingest reads."
+    )
     if adapter_only:
         return [
             "A LoRA adapter and classifier head in PEFT format. Load it with fedbehavior "
             "(`fedbehavior predict --model this_folder ...`) or `PeftModel.from_pretrained` over the "
             "backbone named in `adapter_config.json`, with the pooling of `run-config.json`.",
+            "",
+            inputs,
         ]
     code = (
         "The head reads the attention-masked mean of the last hidden states, which no stock transformers "
@@ -131,27 +150,9 @@ def _loading(cfg: RunConfig, adapter_only: bool) -> list[str]:
         "```",
         "",
         code,
+        "",
+        inputs,
     ]
-
-
-def model_card(cfg: RunConfig, record: dict[str, Any], *, adapter_only: bool) -> str:
-    """README.md of an export: how to load it, what it predicts, and its DP provenance."""
-    labels = ", ".join(f"{i} = {name}" for i, name in enumerate(cfg.task_spec.labels))
-    lines = [
-        f"# fedbehavior {cfg.task} classifier (run {record['run']})",
-        "",
-        *_loading(cfg, adapter_only),
-        "",
-        f"Trained: {trained_description(cfg)}, by federated averaging over merchants, each running "
-        "DP-SGD on its own customers.",
-        "",
-        f"Task: `{cfg.task}`. Labels: {labels}. Inputs are behaviour events as text (fedbehavior's "
-        f"serializer, at most {cfg.max_length} tokens); `fedbehavior predict` builds them from any "
-        "export the ingest reads. Machine-readable provenance: `privacy.json`.",
-        "",
-        *provenance_markdown(record),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,28 +1,36 @@
-"""DP provenance of a run, from what its folder holds: `privacy.json` and the export's model card.
+"""DP provenance of a run as data: the record written to `privacy.json`, from what the run folder holds.
 
 Sources, in this order: `metrics.jsonl` (each merchant's status, epsilon and delta per round, and
 each training round's charge as the merchant reported it: noise multiplier, sampling rate, steps,
 budget, accountant, privacy unit; `server.metrics.train_entry`; the last round's pooled metrics with
 their noise bands and the merchants' evaluation noise), the run config in `final/run-config.json`
-(clip norm, rounds, task, what was trained), the merchant table of `final/README.md` (privacy unit,
-accountant), and, for a simulation, `exact-metrics.jsonl` (exact pooled metrics that only a
-simulation's operator can compute). Nothing is invented: a value the run folder does not hold is
-written as `NOT_REPORTED`.
+(clip norm, rounds, task, what was trained), and, for a simulation, `exact-metrics.jsonl` (exact
+pooled metrics that only a simulation's operator can compute). Nothing is invented: a value the run
+folder does not hold (a run from before merchants reported it) is written as `NOT_REPORTED`.
+
+The record is data first: `server.export.export_final` writes it to `final/privacy.json` and
+`fedbehavior export` to the export's folder, and each renders its `README.md` from it
+(`shared.model_card`). No Markdown is ever read back.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.metrics import describe_metrics, row_bands
+from server.metrics import row_bands
 from shared.config import RunConfig
+from shared.model_card import NOT_REPORTED, CardOptions, cell, render_card
 from shared.noise_bands import MAX_SD, MIN_SDS
 
-NOT_REPORTED = "not reported by the merchant"
+PRIVACY_FILE = "privacy.json"
+"""The provenance record beside a model: in a run's `final/` and in an export."""
+CARD_FILE = "README.md"
+"""The model card, rendered from the record (`shared.model_card`)."""
 MERCHANT_KEYS = ("accountant", "privacy_unit", "noise_multiplier", "sample_rate", "max_epsilon")
-"""Per-merchant values taken from the latest round that reports them (metrics.jsonl or the card)."""
+"""Per-merchant values taken from the latest round of metrics.jsonl that reports them."""
 ROUND_CHARGE_KEYS = ("noise_multiplier", "sample_rate", "steps")
 """A training round's ledger charge as the merchant reported it, kept per round in `per_round`."""
 
@@ -76,15 +84,15 @@ def release_description(noise: dict[str, Any] | None) -> str:
             "histograms, or a merchant that did not report its noise multiplier), so no noise band is given."
         )
     sigmas = noise.get("noise_multiplier") or {}
-    each = ", ".join(f"{m} {_cell(float(v))}" for m, v in sigmas.items())
+    each = ", ".join(f"{m} {cell(float(v))}" for m, v in sigmas.items())
     return (
         "Evaluation metrics are released as noisy counts, never exactly: each merchant adds Gaussian noise "
         f"of standard deviation σ (its own eval-noise-multiplier: {each}) to every count of its held-out "
         "histogram (sensitivity 1: one customer is one count), charged to its ledger. The coordinator sums "
-        f"the counts (noise sd {_cell(float(noise.get('per_count_sd', 0.0)))} per pooled count) and derives "
+        f"the counts (noise sd {cell(float(noise.get('per_count_sd', 0.0)))} per pooled count) and derives "
         "the metrics from the sums; each comes with its noise sd (±) propagated from σ. A metric is "
-        f"unreadable when its noise sd exceeds {_cell(float(noise.get('max_sd', MAX_SD)))} or a count it "
-        f"divides by is within {_cell(float(noise.get('min_sds', MIN_SDS)))} noise sd of zero."
+        f"unreadable when its noise sd exceeds {cell(float(noise.get('max_sd', MAX_SD)))} or a count it "
+        f"divides by is within {cell(float(noise.get('min_sds', MIN_SDS)))} noise sd of zero."
     )
 
 
@@ -104,25 +112,6 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def card_merchant_table(card: Path) -> dict[str, dict[str, str]]:
-    """The merchant table of a `final/README.md` model card, as {merchant: {column: value}}."""
-    if not card.exists():
-        return {}
-    lines = card.read_text(encoding="utf-8").splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("| merchant |")), None)
-    if start is None:
-        return {}
-    header = [c.strip().replace(" ", "_") for c in lines[start].strip("|").split("|")]
-    table: dict[str, dict[str, str]] = {}
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        row = dict(zip(header, cells, strict=False))
-        table[row["merchant"]] = {k: v for k, v in row.items() if v not in ("", "-")}
-    return table
-
-
 def round_epsilon(entry: dict[str, Any]) -> float | None:
     """A merchant's epsilon at the end of a round: the one it reported after the round's evaluation
     charge, else the one after its training charge (None if it reported neither)."""
@@ -131,7 +120,7 @@ def round_epsilon(entry: dict[str, Any]) -> float | None:
     return after if after is not None else entry.get("epsilon")
 
 
-def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]) -> dict[str, Any]:
+def _merchant_record(name: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One merchant's figures: the latest epsilon/delta, per-round values, and reported settings."""
     per_round: list[dict[str, Any]] = []
     latest: dict[str, Any] = {}
@@ -155,7 +144,7 @@ def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]
         "delta": latest.get("delta", NOT_REPORTED),
     }
     for key in MERCHANT_KEYS:
-        record[key] = latest.get(key, card.get(key, NOT_REPORTED))
+        record[key] = latest.get(key, NOT_REPORTED)
     record["steps"] = sum(steps) if steps else NOT_REPORTED
     record["rounds_trained"] = sum(1 for r in per_round if r["status"] == "trained")
     record["status_last_round"] = per_round[-1]["status"] if per_round else NOT_REPORTED
@@ -164,16 +153,27 @@ def _merchant_record(name: str, rows: list[dict[str, Any]], card: dict[str, str]
 
 
 def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
-    """Everything the run folder says about privacy and quality, as JSON-ready data (`privacy.json`)."""
-    rows = read_rows(run_dir)
-    exact = [r for r in read_exact(run_dir) if r.get("round") == max((x["round"] for x in rows), default=0)]
+    """Everything the run folder says about privacy and quality, as JSON-ready data (`privacy.json`):
+    `provenance_record` of its `metrics.jsonl` and `exact-metrics.jsonl` rows."""
+    return provenance_record(run_dir.resolve().name, read_rows(run_dir), cfg, read_exact(run_dir))
+
+
+def provenance_record(
+    run: str,
+    rows: Sequence[dict[str, Any]],
+    cfg: RunConfig | None,
+    exact_rows: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The provenance record of run `run` from its data alone: its `metrics.jsonl` rows, its run config
+    (None: not in the run folder) and a simulation's `exact-metrics.jsonl` rows."""
+    last_round = max((x["round"] for x in rows), default=0)
+    exact = [r for r in exact_rows if r.get("round") == last_round]
     exact_last = {"round": exact[-1]["round"], **exact[-1].get("model", {})} if exact else None
-    card = card_merchant_table(run_dir / "final" / "README.md")
-    names = sorted({m for row in rows for m in row.get("merchants", {})} | set(card))
+    names = sorted({m for row in rows for m in row.get("merchants", {})})
     last: dict[str, Any] = max(rows, key=lambda r: r["round"]) if rows else {"round": 0, "global": {}}
     run_cfg = "final/run-config.json"
     return {
-        "run": run_dir.resolve().name,
+        "run": run,
         "trained": trained_description(cfg) if cfg else "not in the run folder",
         "task": (
             {"name": cfg.task, "labels": list(cfg.task_spec.labels)}
@@ -185,7 +185,7 @@ def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
         "clipping_norm": cfg.max_grad_norm if cfg else f"not in the run folder (no {run_cfg})",
         "clipping_norm_source": f"run config max-grad-norm ({run_cfg}): the clip merchants train with",
         "rounds": {"planned": cfg.num_rounds if cfg else None, "completed": int(last["round"])},
-        "merchants": {n: _merchant_record(n, rows, card.get(n, {})) for n in names},
+        "merchants": {n: _merchant_record(n, rows) for n in names},
         "not_covered": NOT_COVERED,
         "metrics": {
             "round": int(last["round"]),
@@ -198,89 +198,14 @@ def privacy_record(run_dir: Path, cfg: RunConfig | None) -> dict[str, Any]:
         "sources": [
             "metrics.jsonl",
             *([run_cfg] if cfg else []),
-            *(["final/README.md"] if card else []),
             *([EXACT_FILE] if exact_last else []),
         ],
     }
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-PRIVACY_COLUMNS = (
-    "epsilon",
-    "delta",
-    "accountant",
-    "privacy_unit",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "rounds_trained",
-    "status_last_round",
-)
-
-
-def provenance_markdown(record: dict[str, Any]) -> list[str]:
-    """The model card's privacy and evaluation sections, from `privacy_record`'s output."""
-    header = ["merchant", *(c.replace("_", " ") for c in PRIVACY_COLUMNS)]
-    lines = [
-        "## Differential privacy (per merchant)",
-        "",
-        f"- mechanism: {record['mechanism']}",
-        f"- clipping norm: {_cell(record['clipping_norm'])} ({record['clipping_norm_source']})",
-        f"- rounds: {record['rounds']['completed']} completed of {record['rounds']['planned']} planned",
-        "",
-        f"| {' | '.join(header)} |",
-        "|" + "---|" * len(header),
-    ]
-    for name, m in record["merchants"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m[c]) for c in PRIVACY_COLUMNS) + " |")
-    lines += [
-        "",
-        "Each merchant's guarantee is (epsilon, delta)-DP for one of its privacy units, for everything its "
-        f'adapter updates reveal. "{NOT_REPORTED}": the run folder does not hold that value.',
-        "",
-        "Not covered by the guarantee:",
-        "",
-        *(f"- {item}" for item in record["not_covered"]),
-        "",
-        f"## Evaluation (round {record['metrics']['round']})",
-        "",
-        f"Evaluation set: {record['metrics']['evaluation_set']}.",
-        "",
-        record["metrics"].get("release", release_description(None)),
-        "",
-        *(f"- {line}" for line in describe_metrics(_with_bands(record["metrics"]), band95=True)),
-        *exact_markdown(record["metrics"].get("exact")),
-    ]
-    return lines
-
-
-def _with_bands(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The record's last-round values with its bands, as `describe_metrics` reads a row."""
-    values = {k: v for k, v in metrics["values"].items() if k not in ("bands", "noise_sd")}
-    return values | ({"bands": metrics["bands"]} if metrics.get("bands") else {})
-
-
-def exact_markdown(exact: dict[str, Any] | None) -> list[str]:
-    """The exact pooled metrics of a simulation's last round, labelled as such ([] for a deployment)."""
-    if not exact:
-        return []
-    cells = ", ".join(
-        f"{name} {exact[key]:.3f}"
-        for key, name in (
-            ("accuracy", "accuracy"),
-            ("macro_f1", "macro-F1"),
-            ("auc", "AUC"),
-            ("loss", "loss"),
-        )
-        if key in exact
-    )
-    return [
-        "",
-        f"Exact pooled metrics of round {exact['round']} (simulation only: its operator holds every "
-        f"merchant's local evaluation log, which a deployment never releases): {cells}.",
-    ]
+def write_provenance(folder: Path, record: dict[str, Any], options: CardOptions) -> None:
+    """Write the record to `folder/privacy.json`, then `folder/README.md` rendered from it alone.
+    Plain writes: a model folder is meant to be readable by others (0644)."""
+    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    (folder / PRIVACY_FILE).write_text(text, encoding="utf-8")
+    (folder / CARD_FILE).write_text(render_card(record, options), encoding="utf-8")

@@ -1,7 +1,7 @@
 """`fedbehavior report runs/<name>`: plots of a run and one self-contained HTML page for people.
 
-Reads only the run folder (`metrics.jsonl`, `final/run-config.json`, `final/README.md`, and a
-simulation's `exact-metrics.jsonl`, through `server.provenance`) and writes `report/`: one PNG per plot
+Reads only the run folder's data (`metrics.jsonl`, `final/run-config.json` and a simulation's
+`exact-metrics.jsonl`, through `server.provenance`) and writes `report/`: one PNG per plot
 (matplotlib, Agg backend: no display needed) and `index.html` with the same PNGs embedded as base64,
 so the page can be mailed on its own.
 
@@ -23,15 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from server.metrics import describe_metrics, row_bands
-from server.provenance import (
-    NOT_REPORTED,
-    PRIVACY_COLUMNS,
-    privacy_record,
-    read_exact,
-    read_rows,
-    release_description,
-    round_epsilon,
-)
+from server.provenance import privacy_record, read_exact, read_rows, release_description, round_epsilon
+from shared.model_card import NOT_REPORTED, PRIVACY_COLUMNS
 from shared.noise_bands import LABELS, RANGES, Z95, Band, describe
 from shared.trained import RUN_CONFIG_FILE, read_run_config
 

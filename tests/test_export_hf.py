@@ -130,20 +130,30 @@ def test_privacy_json_and_card_hold_the_run_figures(run_and_export: tuple[Path, 
     assert "Evaluation set: federated evaluation" in card
 
 
-def test_card_units_are_read_from_the_final_card(tiny_bert: str, tmp_path: Path) -> None:
+def test_units_come_from_metrics_jsonl_never_from_the_card(tiny_bert: str, tmp_path: Path) -> None:
+    """privacy.json is built from data: the merchants' reported accountant and privacy unit reach it
+    from metrics.jsonl, and whatever final/README.md says (or whether it exists) changes nothing."""
     run = make_run(tmp_path / "run", tiny_bert)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[1]["merchants"]["m1"] |= {"accountant": "rdp", "privacy_unit": "session"}
+    rows[2]["merchants"]["m1"] |= {"accountant": "rdp", "privacy_unit": "customer"}  # the latest wins
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     card = run / "final" / "README.md"
-    text = card.read_text()
-    text = text.replace(
-        "| m1 | 4.000 | 1e-06 | trained |", "| m1 | 4.000 | 1e-06 | customer | rdp | trained |"
-    )
-    old_header = "| merchant | epsilon | delta | status in last round |"
-    new_header = "| merchant | epsilon | delta | privacy unit | accountant | status in last round |"
-    card.write_text(text.replace(old_header, new_header))
+    card.write_text(card.read_text().replace("| m2 |", "| m2 | forged | pld | household |"))
     out = export_run(run, tmp_path / "adapter", adapter_only=True)
     record = json.loads((out / "privacy.json").read_text())
-    assert record["merchants"]["m1"]["privacy_unit"] == "customer"
-    assert record["merchants"]["m1"]["accountant"] == "rdp"
+    m1, m2 = record["merchants"]["m1"], record["merchants"]["m2"]
+    assert (m1["privacy_unit"], m1["accountant"]) == ("customer", "rdp")
+    assert (m2["privacy_unit"], m2["accountant"]) == (NOT_REPORTED, NOT_REPORTED)  # m2 never reported them
+    assert "final/README.md" not in record["sources"] and "forged" not in json.dumps(record)
+    card.unlink()
+    again = export_run(run, tmp_path / "again", adapter_only=True)
+    assert json.loads((again / "privacy.json").read_text()) == record
+    exported_card = (out / "README.md").read_text()
+    assert "| m1 | 4 | 1e-06 | rdp | customer | 1.1 | not reported by the merchant | 15 | 2 | trained |" in (
+        exported_card
+    )
+    assert "forged" not in exported_card and "PeftModel.from_pretrained" in exported_card
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
     with pytest.raises(FileExistsError):
         export_run(run, out)

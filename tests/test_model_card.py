@@ -1,5 +1,6 @@
 """The model card states each merchant's privacy unit and accountant (issue 9: YooChoose's unit is a
-session), from the merchants' reports when they send them, else in words."""
+session), from the merchants' reports when they send them, else in words. A card is a rendering of
+the provenance record (`server.provenance.provenance_record` → `shared.model_card.render_card`)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.export import model_card
+from server.export import loading
+from server.provenance import NOT_REPORTED, provenance_record
 from shared.config import RunConfig
+from shared.model_card import FINAL, CardOptions, render_card
 
 ROW = {"round": 3, "global": {"accuracy": 0.75, "examples": 40}}
+NR = NOT_REPORTED
+
+
+def model_card(cfg: RunConfig, row: dict[str, Any], merchants: dict[str, dict[str, Any]]) -> str:
+    """The card of a run's final/ whose metrics.jsonl holds `row` with `merchants` in it."""
+    record = provenance_record("r", [{"time_s": 1.0, **row, "merchants": merchants}], cfg)
+    return render_card(record, CardOptions(kind=FINAL, loading=tuple(loading(cfg))))
 
 
 def test_card_names_both_units_and_accountants() -> None:
     card = model_card(RunConfig(), ROW, {"m1": {"epsilon": 7.05, "delta": 1e-6, "status": "trained"}})
     assert "privacy unit: one customer" in card and "YooChoose" in card and "one session" in card
     assert "PLD" in card and "RDP" in card and "`accountant` in its ledger" in card
-    assert "| m1 | 7.050 | 1e-06 | trained |" in card  # no unit columns when no merchant reported them
+    # a merchant that reported neither: the columns say so rather than leaving a blank
+    assert f"| m1 | 7.05 | 1e-06 | {NR} | {NR} | {NR} | {NR} | {NR} | 1 | trained |" in card
 
 
 def test_card_shows_reported_units_per_merchant() -> None:
@@ -35,9 +46,10 @@ def test_card_shows_reported_units_per_merchant() -> None:
         },
     }
     card = model_card(RunConfig(), ROW, merchants)
-    assert "| merchant | epsilon | delta | privacy unit | accountant | status in last round |" in card
-    assert "| shop | 7.050 | 1e-06 | customer | - | trained |" in card
-    assert "| yc | 3.500 | 1e-06 | session | rdp | trained |" in card
+    header = "| merchant | epsilon | delta | accountant | privacy unit | noise multiplier | sample rate |"
+    assert header + " steps | rounds trained | status last round |" in card
+    assert f"| shop | 7.05 | 1e-06 | {NR} | customer | {NR} | {NR} | {NR} | 1 | trained |" in card
+    assert f"| yc | 3.5 | 1e-06 | rdp | session | {NR} | {NR} | {NR} | 1 | trained |" in card
 
 
 # ------------------------------------------ DP provenance: merchant → reply → metrics.jsonl → record

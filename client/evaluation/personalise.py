@@ -49,10 +49,11 @@ from client.ingest.data import Encoder, MerchantData, load_merchant_data
 from client.ingest.encoded import Encoded
 from client.settings import MerchantSettings
 from client.training.loop import predict
-from shared.config import RunConfig
+from shared.config import MerchantPlan
 from shared.fileio import atomic_write_json
 from shared.metrics import AucDifference, paired_auc_difference
 from shared.model import load_tokenizer, resolve_device
+from shared.model_card import PERSONALISED, CardOptions, render_card
 from shared.tasks import Candidate, one_per_customer, split_customers, up_to_k_per_customer
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def personalise(
 def _write_out(
     out: Path,
     model: torch.nn.Module,
-    cfg: RunConfig,
+    cfg: MerchantPlan,
     report: PersonaliseReport,
     local: LogisticRegression | None,
 ) -> None:
@@ -326,7 +327,20 @@ def _write_out(
                     "weights": local.weights.tolist(),
                 },
             )
-        (staged / "README.md").write_text(model_card(cfg, report), encoding="utf-8")
+        (staged / "README.md").write_text(
+            render_card(
+                report.to_json()
+                | {"task": {"name": cfg.task_spec.name, "labels": list(cfg.task_spec.labels)}},
+                CardOptions(
+                    kind=PERSONALISED,
+                    record_file=REPORT_FILE,
+                    loading=(
+                        "Load it like a run's `final/`: `fedbehavior predict --model this_folder ...`.",
+                    ),
+                ),
+            ),
+            encoding="utf-8",
+        )
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
@@ -334,22 +348,6 @@ def _write_out(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-
-
-def model_card(cfg: RunConfig, report: PersonaliseReport) -> str:
-    return "\n".join(
-        [
-            f"# fedbehavior personalised model: {cfg.task_spec.name}",
-            "",
-            f"Merchant {report.merchant_id}'s fine-tune ({report.train}) of the global model "
-            f"`{report.global_folder}` on its own training customers. Kept: {report.chosen}; this folder's "
-            f"model is the {report.model_in_folder} one. Metrics: `{REPORT_FILE}`.",
-            "",
-            "**Not differentially private towards this merchant's customers**: trained without noise on "
-            "them. Keep it on the merchant's machines; do not publish it or send it to the coordinator.",
-            "",
-        ]
-    )
 
 
 # --- command line -----------------------------------------------------------------------------------
