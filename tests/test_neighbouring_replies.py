@@ -127,6 +127,7 @@ def run_configs(draw: st.DrawFn, tiny_bert: str, first: datetime, last: datetime
             st.sampled_from(
                 [
                     ("no-such-key", 1),
+                    ("aggregation", "median"),  # the coordinator's own key: never in a merchant's plan
                     ("num-rounds", "many"),
                     ("lora-mode", "ffa"),  # with the head alone: inconsistent
                     ("backbone", "/elsewhere/not-approved"),
