@@ -66,9 +66,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def frozen_lora(model: torch.nn.Module) -> tuple[str, ...]:
-    """The LoRA matrices (`lora_A`, `lora_B`) that `model` keeps frozen, read from its parameters:
-    `shared.model.freeze_for` froze them as the run's typed `LoraSpec` says (`frozen_lora`)."""
-    named = [(n, p) for n, p in _unwrap(model).named_parameters() if "lora_" in n]
+    """The LoRA matrices (`lora_A`, `lora_B`) that `model` keeps frozen while the rest trains, read
+    from its parameters: `shared.model.freeze_for` froze them as the run's typed `LoraSpec` says
+    (`frozen_lora`). A model that trains nothing (a PEFT folder loaded for inference) freezes none:
+    its adapter is every tensor it holds."""
+    params = list(_unwrap(model).named_parameters())
+    if not any(p.requires_grad for _, p in params):
+        return ()
+    named = [(n, p) for n, p in params if "lora_" in n]
     return tuple(
         kind
         for kind in ("lora_A", "lora_B")

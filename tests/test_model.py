@@ -85,6 +85,19 @@ def test_trainable_and_sent_tensors_per_mode(
     assert AdapterSpec.of(model).num_bytes == head + per_matrix * len(lora)
 
 
+def test_the_extractor_reads_what_the_builder_froze_and_nothing_set_on_the_model(tiny_bert: str) -> None:
+    """What is sent follows the typed spec through the model's own parameters: no attribute is set
+    on the model, and a model that trains nothing (loaded for inference) gives every tensor."""
+    from shared.adapters import extract_adapter
+
+    head_only = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, trainable="head"))
+    assert not [name for name in vars(head_only) if "frozen" in name]
+    assert _kinds(list(extract_adapter(head_only))) == {"classifier"}
+    for param in head_only.parameters():
+        param.requires_grad_(False)
+    assert _kinds(list(extract_adapter(head_only))) == {"lora_A", "lora_B", "classifier"}
+
+
 def test_ffa_a_is_the_same_everywhere_and_set_by_the_run_seed(tiny_bert: str) -> None:
     def a_matrices(init_seed: int, ffa_seed: int) -> dict[str, torch.Tensor]:
         spec = LoraSpec(r=2, mode="ffa", ffa_seed=ffa_seed)
