@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from shared.histograms import LOCAL_BASELINE, MODEL, Histogram
-from shared.noise_bands import LABELS, MAX_SD, MIN_SDS, Band, band_of, bands, describe, per_count_sd
+from shared.noise_bands import MAX_SD, MIN_SDS, Band, band_of, bands, describe_all, per_count_sd
 
 log = logging.getLogger(__name__)
 
@@ -159,31 +159,12 @@ def row_bands(metrics: Mapping[str, Any]) -> dict[str, Band] | None:
     return None
 
 
-DESCRIBED = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss", "examples")
-
-
 def describe_metrics(metrics: Mapping[str, Any], *, band95: bool = False) -> list[str]:
     """Each metric of a row's `global` (or `local_baseline`, or a merchant's `evaluation`) as people
     read it: "AUC 0.620 ± 0.040" (± = noise sd; `band95` adds the 95% band), "AUC unreadable (noise sd
     0.31 > 0.1; needs ~3,600 more held-out customers)", or the plain value when the row carries no
     noise information. Counts are whole numbers."""
-    found = row_bands(metrics) or {}
-    lines = []
-    for key in DESCRIBED:
-        value, band = metrics.get(key), found.get(key)
-        if band is not None:
-            text = describe(key, band)
-            if band95 and band.readable and key != "examples":
-                text += f" (95% band {band.low:.3f} to {band.high:.3f})"
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            name = LABELS.get(key, key)
-            text = f"{name} {value:.0f}" if key == "examples" else f"{name} {value:.3f}"
-        elif key in metrics:
-            text = f"{LABELS.get(key, key)} undefined"
-        else:
-            continue
-        lines.append(text)
-    return lines
+    return describe_all(metrics, row_bands(metrics) or {}, band95=band95)
 
 
 def _cell(key: str, value: Any, band: Band | None, width: int, digits: int = 3) -> str:

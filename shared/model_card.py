@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.noise_bands import LABELS, Band, describe
+from shared.noise_bands import Band, describe_all
 
 NOT_REPORTED = "not reported by the merchant"
 """A record's value for what the run folder does not hold (a run from before it was reported)."""
@@ -36,7 +36,6 @@ PRIVACY_COLUMNS = (
     "status_last_round",
 )
 """The per-merchant figures of a provenance record the card's table (and the report's) shows."""
-DESCRIBED = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss", "examples")
 """The metrics a card lists, in this order (as `server.metrics.describe_metrics` does)."""
 
 EXACT_NAMES = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("auc", "AUC"), ("loss", "loss"))
@@ -160,22 +159,7 @@ def metric_lines(values: Mapping[str, Any], bands: Mapping[str, Any]) -> list[st
     0.730 to 0.770)"), why the noise makes it unreadable, or its plain value where the record has no
     band for it. `bands`: a record's `{metric: Band.to_record()}`."""
     found = {k: Band.from_record(v, k) for k, v in bands.items() if isinstance(v, Mapping)}
-    lines = []
-    for key in DESCRIBED:
-        value, band = values.get(key), found.get(key)
-        if band is not None:
-            text = describe(key, band)
-            if band.readable and key != "examples":
-                text += f" (95% band {band.low:.3f} to {band.high:.3f})"
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            name = LABELS.get(key, key)
-            text = f"{name} {value:.0f}" if key == "examples" else f"{name} {value:.3f}"
-        elif key in values:
-            text = f"{LABELS.get(key, key)} undefined"
-        else:
-            continue
-        lines.append(text)
-    return lines
+    return describe_all(values, found, band95=True)
 
 
 def exact_markdown(exact: Mapping[str, Any] | None) -> list[str]:

@@ -321,3 +321,29 @@ def describe(key: str, band: Band, digits: int = 3) -> str:
     if key == "examples":
         return f"{name} {band.value:.0f} ± {band.sd:.0f}"
     return f"{name} {band.value:.{digits}f} ± {band.sd:.{digits}f}"
+
+
+DESCRIBED = ("accuracy", "macro_f1", "auc", "top3_accuracy", "loss", "examples")
+"""The metrics a row, a report or a card describes, in this order."""
+
+
+def describe_all(values: Mapping[str, Any], found: Mapping[str, Band], *, band95: bool = False) -> list[str]:
+    """Each metric of `values` as people read it: with its band where `found` has one (`describe`;
+    `band95` adds the 95% band), else its plain value ("undefined" where it is null). Counts are whole
+    numbers."""
+    lines = []
+    for key in DESCRIBED:
+        value, band = values.get(key), found.get(key)
+        if band is not None:
+            text = describe(key, band)
+            if band95 and band.readable and key != "examples":
+                text += f" (95% band {band.low:.3f} to {band.high:.3f})"
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            name = LABELS.get(key, key)
+            text = f"{name} {value:.0f}" if key == "examples" else f"{name} {value:.3f}"
+        elif key in values:
+            text = f"{LABELS.get(key, key)} undefined"
+        else:
+            continue
+        lines.append(text)
+    return lines
