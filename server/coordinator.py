@@ -230,8 +230,11 @@ class Coordinator:
             },
         )
         for r in answered:
-            if r.name not in merchants and server_round > 0:
-                continue  # a row lists this round's trainers (and, in round 0, every evaluator)
+            if r.name not in merchants and server_round > 0 and r.status != EVALUATED:
+                # a row lists this round's trainers and every merchant whose evaluation it charged (a
+                # merchant sampled to evaluate but not to train has spent budget: its epsilon belongs
+                # in the run's provenance); a refused evaluation by a non-trainer spent nothing
+                continue
             entry = merchants.setdefault(r.name, {"status": EVALUATED})
             entry.update(own.get(r.name, {}))
             # the epsilon it reports after charging this evaluation: the round's last word on its spend

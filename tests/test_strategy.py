@@ -143,7 +143,9 @@ def test_coordinator_averages_good_updates_and_reports_the_rest(tiny_bert: str, 
         "m3": "rejected-update",
         "m4": "trained",
         "node-5": "failed",
+        "m5": "evaluated",  # failed to train, then evaluated: its charged evaluation is on the record
     }
+    assert rows[1]["merchants"]["m5"]["evaluation"]["epsilon"] == pytest.approx(0.1)
     # round 1's global adapter = (10·(g+0.01) + 40·(g+0.04)) / 50 = g + 0.034
     key = next(iter(fed.sent[1]))
     assert torch.allclose(fed.sent[1][key], fed.sent[0][key] + 0.034, atol=1e-6)
