@@ -29,7 +29,6 @@ __all__ = [
     "EXPORT_CONFIG_KEYS",
     "MODELING_FILE",
     "PRIVACY_FILE",
-    "add_export_cli",
     "cmd_export",
     "export_run",
     "loading",
@@ -160,16 +159,3 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(Path(args.run_dir), Path(args.out), adapter_only=args.adapter_only)
     print(f"export ({'PEFT adapter' if args.adapter_only else 'merged'}): {out}")
     return 0
-
-
-def add_export_cli(subparsers: Any) -> None:
-    """Register `export` on the top-level subparsers."""
-    parser = subparsers.add_parser(
-        "export", help="export a run's model for plain transformers, with a DP model card"
-    )
-    parser.add_argument("run_dir", help="the run folder, runs/<name>")
-    parser.add_argument("--out", required=True, help="new or empty folder for the export")
-    parser.add_argument(
-        "--adapter-only", action="store_true", help="keep the PEFT adapter folder instead of merging"
-    )
-    parser.set_defaults(func=cmd_export)

@@ -438,15 +438,3 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"tensorboard: {write_tensorboard(Path(args.run_dir))}  (tensorboard --logdir <that folder>)")
     print(f"report: {build_report(Path(args.run_dir))}")
     return 0
-
-
-def add_report_cli(subparsers: Any) -> None:
-    """Register `report` on the top-level subparsers."""
-    parser = subparsers.add_parser("report", help="plots and an HTML page of a run (runs/<name>/report/)")
-    parser.add_argument("run_dir", help="the run folder, runs/<name>")
-    parser.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help=f"also write TensorBoard scalars to runs/<name>/report/{TENSORBOARD_DIR}/ ({TENSORBOARD_HINT})",
-    )
-    parser.set_defaults(func=cmd_report)
