@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     # tests, this tiny one (subprocesses inherit it)
     os.environ["FEDBEHAVIOR_MERCHANT_POLICY__BACKBONES"] = json.dumps(["", path])
     return path
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    """A synthetic merchant folder of about 60 customers (seed 3, merchant 0): data and settings.
+    A module that needs another size defines its own `shop`."""
+    from shared.synthetic import generate_merchant
+
+    generate_merchant(3, 0, tmp_path / "m0", base_customers=60)
+    return tmp_path / "m0"

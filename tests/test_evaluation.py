@@ -17,19 +17,7 @@ from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.histograms import Histogram
 from shared.privacy import Charge, epsilon_of
-from shared.synthetic import generate_merchant
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Path:
-    generate_merchant(3, 0, tmp_path / "m0", base_customers=60)
-    return tmp_path / "m0"
-
-
-def config(tiny_bert: str, **extra: object) -> RunConfig:
-    return RunConfig.parse(
-        {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
-    )
+from tests.tiny import small_config
 
 
 def adapter_of(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torch.Tensor]:
@@ -43,7 +31,7 @@ def history(settings: MerchantSettings) -> list[dict]:
 
 def test_each_release_is_charged_and_the_baseline_goes_once(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop, eval_noise_multiplier=7.0)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     g = adapter_of(cfg, settings)
     first = merchant.evaluate_round(settings, cfg, g, server_round=0, run_id="run", seed=1)
     second = merchant.evaluate_round(settings, cfg, g, server_round=1, run_id="run", seed=2)
@@ -65,7 +53,7 @@ def test_each_release_is_charged_and_the_baseline_goes_once(tiny_bert: str, shop
 
 def test_exact_metrics_stay_in_the_merchants_own_log(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     out = merchant.evaluate_round(settings, cfg, adapter_of(cfg, settings), server_round=0, run_id="r")
     (line,) = (settings.state_dir / EVALUATION_LOG).read_text().splitlines()
     local = json.loads(line)
@@ -81,7 +69,7 @@ def test_exact_metrics_stay_in_the_merchants_own_log(tiny_bert: str, shop: Path)
 
 def test_evaluations_beyond_the_limit_are_refused_uncharged(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop, max_evaluations_per_run=2)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     g = adapter_of(cfg, settings)
     for r in (0, 1):
         assert merchant.evaluate_round(settings, cfg, g, server_round=r, run_id="run").status == "evaluated"
@@ -96,7 +84,7 @@ def test_evaluations_beyond_the_limit_are_refused_uncharged(tiny_bert: str, shop
 
 def test_an_exhausted_budget_refuses_to_evaluate(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=0.1)  # below one release at σ 20
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     out = merchant.evaluate_round(settings, cfg, adapter_of(cfg, settings), server_round=0, run_id="r")
     assert out.status == "refused-budget" and out.code == merchant.BUDGET and not out.histograms
     assert not settings.ledger_path.exists() or history(settings) == []
@@ -104,7 +92,7 @@ def test_an_exhausted_budget_refuses_to_evaluate(tiny_bert: str, shop: Path) -> 
 
 def test_a_malformed_adapter_is_not_evaluated(tiny_bert: str, shop: Path) -> None:
     settings = MerchantSettings.from_merchant_dir(shop)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     good = adapter_of(cfg, settings)
     key = next(iter(good))
     out = merchant.evaluate_round(settings, cfg, {**good, key: torch.zeros(3, 3)}, server_round=0, run_id="r")
@@ -115,7 +103,7 @@ def test_a_malformed_adapter_is_not_evaluated(tiny_bert: str, shop: Path) -> Non
 def test_training_reserves_the_runs_evaluations(tiny_bert: str, shop: Path) -> None:
     # a whole run at the merchant: evaluate, (train, evaluate) x 2; nothing refused, budget used
     settings = MerchantSettings.from_merchant_dir(shop, max_epsilon=3.0, eval_noise_multiplier=5.0)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     g = adapter_of(cfg, settings)
     statuses = [merchant.evaluate_round(settings, cfg, g, server_round=0, run_id="run").status]
     for r in (1, 2):

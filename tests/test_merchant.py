@@ -16,7 +16,7 @@ from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.privacy import Charge, epsilon_of
 from shared.privacy.calibration import CalibrationError, calibrate_noise
-from shared.synthetic import generate_merchant
+from tests.tiny import small_config
 
 
 def clear_caches() -> None:
@@ -24,12 +24,6 @@ def clear_caches() -> None:
     merchant.cached_model.cache_clear()
     merchant.cached_encoder.cache_clear()
     merchant.cached_data.cache_clear()
-
-
-@pytest.fixture
-def shop(tmp_path: Path) -> Path:
-    generate_merchant(3, 0, tmp_path / "m0", base_customers=60)
-    return tmp_path / "m0"
 
 
 SIZE = 50  # the shop's public training size (declared-customers); it has about 48 training customers
@@ -40,12 +34,6 @@ def settings_of(shop: Path, **overrides: object) -> MerchantSettings:
     return MerchantSettings.from_merchant_dir(shop, **{"declared_customers": SIZE, **overrides})
 
 
-def config(tiny_bert: str, **extra: object) -> RunConfig:
-    return RunConfig.parse(
-        {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
-    )
-
-
 def global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torch.Tensor]:
     model, *_ = merchant._prepare(settings, cfg)
     return extract_adapter(model)
@@ -53,7 +41,7 @@ def global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torc
 
 def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=20.0)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     g = global_adapter(cfg, settings)
     first = merchant.train_round(settings, cfg, g, server_round=1, run_id="run-a", seed=1)
     assert first.status == "trained" and first.adapter is not None and first.examples > 0
@@ -72,7 +60,7 @@ def test_rounds_accumulate_across_runs_and_restarts(tiny_bert: str, shop: Path) 
 
 def test_noise_is_calibrated_for_the_whole_horizon(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=4.0)
-    cfg = config(tiny_bert, **{"num-rounds": 3})
+    cfg = small_config(tiny_bert, **{"num-rounds": 3})
     g = global_adapter(cfg, settings)
     outcomes = [
         merchant.train_round(settings, cfg, g, server_round=r, run_id="run", seed=r) for r in (1, 2, 3)
@@ -90,7 +78,7 @@ def test_noise_is_calibrated_for_the_whole_horizon(tiny_bert: str, shop: Path) -
 
 def test_exhausted_budget_refuses_a_new_run(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=1.0)
-    cfg = config(tiny_bert, **{"num-rounds": 1})
+    cfg = small_config(tiny_bert, **{"num-rounds": 1})
     g = global_adapter(cfg, settings)
     assert merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1).status == "trained"
     out = merchant.train_round(settings, cfg, g, server_round=1, run_id="b", seed=1)
@@ -99,7 +87,7 @@ def test_exhausted_budget_refuses_a_new_run(tiny_bert: str, shop: Path) -> None:
 
 def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=1000.0, min_noise_multiplier=2.5)
-    cfg = config(tiny_bert, **{"noise-multiplier": 0.1})
+    cfg = small_config(tiny_bert, **{"noise-multiplier": 0.1})
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
     )
@@ -108,7 +96,7 @@ def test_server_suggestion_cannot_lower_the_merchants_noise_floor(tiny_bert: str
 
 def test_evaluation_reports_charged_histograms_and_epsilon(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     out = merchant.evaluate_round(settings, cfg, global_adapter(cfg, settings), server_round=0, run_id="r")
     assert out.status == "evaluated" and set(out.histograms) == {"model", "local_baseline"}
     assert out.epsilon > 0 and out.delta == 1e-6  # charged before release (tests/test_evaluation.py)
@@ -116,7 +104,7 @@ def test_evaluation_reports_charged_histograms_and_epsilon(tiny_bert: str, shop:
 
 def test_ledger_records_q_over_the_public_size(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=20.0)
-    cfg = config(tiny_bert, **{"examples-per-customer": 3})
+    cfg = small_config(tiny_bert, **{"examples-per-customer": 3})
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
     )
@@ -131,7 +119,7 @@ def test_ledger_records_q_over_the_public_size(tiny_bert: str, shop: Path) -> No
 
 def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
-    cfg = config(tiny_bert)  # local-epochs 0: 10, or 5, 2, 1 where the budget fits no more
+    cfg = small_config(tiny_bert)  # local-epochs 0: 10, or 5, 2, 1 where the budget fits no more
     n = SIZE
     reserved = planned_evaluation_charges("a", 2, 20.0, 11)
 
@@ -162,14 +150,14 @@ def test_a_small_budget_trains_fewer_epochs_instead_of_refusing(tiny_bert: str, 
     clear_caches()
     fixed = settings_of(shop, max_epsilon=1.0, max_noise_multiplier=5.0)
     out = merchant.train_round(
-        fixed, config(tiny_bert, **{"local-epochs": 10}), g, server_round=1, run_id="b", seed=1
+        fixed, small_config(tiny_bert, **{"local-epochs": 10}), g, server_round=1, run_id="b", seed=1
     )
     assert out.status == "refused-budget"  # an explicit local-epochs is kept, or refused
 
 
 def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=20.0)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     good = global_adapter(cfg, settings)
     key = next(iter(good))
     nan = {**good, key: torch.full_like(good[key], float("nan"))}
@@ -183,7 +171,7 @@ def test_a_malformed_global_adapter_is_refused_before_any_charge(tiny_bert: str,
 
 def test_per_run_cap_bounds_a_one_round_run(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, max_epsilon=8.0, max_epsilon_per_run=2.0)
-    cfg = config(tiny_bert, **{"num-rounds": 1})  # a coordinator asking to spend everything at once
+    cfg = small_config(tiny_bert, **{"num-rounds": 1})  # a coordinator asking to spend everything at once
     g = global_adapter(cfg, settings)
     first = merchant.train_round(settings, cfg, g, server_round=1, run_id="a", seed=1)
     assert first.status == "trained" and 0.95 * 2.0 <= first.epsilon <= 2.0
@@ -196,7 +184,7 @@ def test_per_run_cap_bounds_a_one_round_run(tiny_bert: str, shop: Path) -> None:
 
 def test_delta_not_far_below_one_over_customers_is_refused(tiny_bert: str, shop: Path) -> None:
     settings = settings_of(shop, delta=5e-3)  # ~50 customers: limit 1/500
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     out = merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="a", seed=1
     )
@@ -212,7 +200,7 @@ def test_the_budget_command_lists_the_run_book(
     from client.cli import cmd_budget
 
     settings = settings_of(shop, max_epsilon=20.0)
-    cfg = config(tiny_bert)
+    cfg = small_config(tiny_bert)
     merchant.train_round(
         settings, cfg, global_adapter(cfg, settings), server_round=1, run_id="spring", seed=1
     )

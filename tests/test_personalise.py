@@ -33,6 +33,7 @@ from shared.config import RunConfig
 from shared.synthetic import generate_merchant
 from shared.tasks import one_per_customer
 from shared.trained import load_trained
+from tests.tiny import small_config
 
 CPU = torch.device("cpu")
 
@@ -41,12 +42,6 @@ CPU = torch.device("cpu")
 def shop(tmp_path: Path) -> Path:
     generate_merchant(3, 0, tmp_path / "m0", base_customers=80)
     return tmp_path / "m0"
-
-
-def config(tiny_bert: str, **extra: object) -> RunConfig:
-    return RunConfig.parse(
-        {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
-    )
 
 
 def a_global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, torch.Tensor]:
@@ -60,7 +55,7 @@ def a_global_adapter(cfg: RunConfig, settings: MerchantSettings) -> dict[str, to
 
 def kept_global(tiny_bert: str, shop: Path, **extra: object) -> tuple[MerchantSettings, RunConfig, dict]:
     settings = MerchantSettings.from_merchant_dir(shop)
-    cfg = config(tiny_bert, **extra)
+    cfg = small_config(tiny_bert, **extra)
     g = a_global_adapter(cfg, settings)
     out = merchant.evaluate_round(settings, cfg, g, server_round=2, run_id="run 7/x", seed=1)
     assert out.status == "evaluated"
@@ -278,7 +273,7 @@ def test_a_run_leaves_each_merchant_the_final_global_adapter(tiny_bert: str, tmp
     dirs = [tmp_path / f"merchant-{i}" for i in range(2)]
     for i, folder in enumerate(dirs):
         generate_merchant(2, i, folder, base_customers=40)
-    cfg = config(tiny_bert, **{"num-rounds": 1, "sim-customers": 40})
+    cfg = small_config(tiny_bert, **{"num-rounds": 1, "sim-customers": 40})
     run = run_in_process(cfg, dirs, tmp_path / "runs" / "r1")
     final = load_file(str(run / "final" / "adapter_model.safetensors"))
     for folder in dirs:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from shared.catalog import BROWSE_QUERY_WORDS, CATEGORIES, INTENT_QUERY_WORDS, REVIEW_TEXTS
+from shared.config import RunConfig
 from shared.schema import Behavior
 
 
@@ -52,3 +53,10 @@ def build_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32) -> Path:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def small_config(tiny_bert: str, **extra: object) -> RunConfig:
+    """A short run on the tiny BERT (rank-2 LoRA, batch 16, 32 tokens, 2 rounds), with `extra` keys."""
+    return RunConfig.parse(
+        {"backbone": tiny_bert, "lora-r": 2, "batch-size": 16, "max-length": 32, "num-rounds": 2, **extra}
+    )
