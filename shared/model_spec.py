@@ -24,7 +24,7 @@ all and trains B only."""
 LORA_MODES: tuple[LoraMode, ...] = get_args(LoraMode)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraSpec:
     """LoRA hyper-parameters and what is trained (and so sent). `target_modules` names the
     attention projections to adapt.
@@ -37,11 +37,11 @@ class LoraSpec:
     half the LoRA upload is saved.
     """
 
+    trainable: Trainable  # no default here: the run config's `trainable` is the one default
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
-    trainable: Trainable = "lora+head"
     mode: LoraMode = "lora"
     ffa_seed: int = 0
 

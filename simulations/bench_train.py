@@ -65,7 +65,7 @@ def main() -> None:
     device = resolve_device(args.device)
     backbone = resolve_backbone(args.backbone)
     data = examples(args.examples, backbone, args.max_length)
-    model = build_model(backbone, num_labels=2, lora=LoraSpec(), device=device)
+    model = build_model(backbone, num_labels=2, lora=LoraSpec(trainable="lora+head"), device=device)
     print(
         f"backbone {backbone}\ndevice {device}, {len(data)} examples, batch {args.batch_size}, "
         f"max length {args.max_length}, torch threads {torch.get_num_threads()}"

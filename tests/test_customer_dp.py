@@ -117,7 +117,7 @@ def test_one_example_per_customer_is_per_example_clipping(tiny_bert: str) -> Non
 
 
 def test_noise_is_sigma_times_clip_over_expected_customers_even_for_an_empty_sample(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     model.train()
     data = encode(tiny_bert, 40)
     params = trainable_parameters(model)
@@ -153,7 +153,7 @@ def test_an_empty_poisson_sample_still_takes_the_noisy_step(
     monkeypatch.setattr(train_module, "poisson_sample", lambda n, rate: torch.zeros(0, dtype=torch.long))
     moved = {}
     for sigma in (0.0, 1.0):
-        model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+        model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
         data = encode(tiny_bert, 8)
         result = train_dp(
             model,
@@ -173,7 +173,7 @@ def test_an_empty_poisson_sample_still_takes_the_noisy_step(
 
 
 def test_lora_b_and_head_move_after_one_customer_level_step(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     before = extract_adapter(model)
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     data = encode(tiny_bert, 12)
@@ -197,7 +197,7 @@ def test_lora_b_and_head_move_after_one_customer_level_step(tiny_bert: str) -> N
 
 
 def test_step_plan_counts_customers_not_examples(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     data = encode(tiny_bert, 30)
     result = train_dp(
         model,

@@ -35,7 +35,7 @@ def encode(backbone: str, n: int, max_length: int = 24) -> Encoded:
 
 
 def model_with_nonzero_b(backbone: str) -> torch.nn.Module:
-    model = build_model(backbone, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(backbone, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for name, p in model.named_parameters():
@@ -121,7 +121,7 @@ def test_per_example_mechanism_matches_opacus_dp_optimizer(tiny_bert: str) -> No
 
 
 def test_one_dp_step_moves_lora_b_and_head_only(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     base_before = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     adapter_before = extract_adapter(model)
     data = encode(tiny_bert, 8)
@@ -144,7 +144,7 @@ def test_one_dp_step_moves_lora_b_and_head_only(tiny_bert: str) -> None:
 
 
 def test_model_trains_again_after_a_round_and_noise_is_not_fixed(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     data = encode(tiny_bert, 16)
     settings = TrainSettings(epochs=1, batch_size=8, learning_rate=0.05)
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
@@ -165,7 +165,7 @@ def test_fixed_seed_reproduces_training(tiny_bert: str) -> None:
     data = encode(tiny_bert, 16)
     outs = []
     for _ in range(2):
-        model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+        model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
         train_dp(
             model,
             data,
@@ -187,7 +187,7 @@ def test_step_plan_matches_opacus_sampling() -> None:
 def test_optimizer_gives_lora_its_own_learning_rate(tiny_bert: str) -> None:
     from client.training.loop import make_optimizer
 
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4))
     opt = make_optimizer(model, TrainSettings(learning_rate=0.01, lora_learning_rate=0.001))
     by_lr = {g["lr"]: g["params"] for g in opt.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}

@@ -30,7 +30,10 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def test_the_head_is_found_only_when_it_is_all_that_trains(tiny_bert: str) -> None:
     head_only = build_model(tiny_bert, num_labels=2, lora=HEAD)
     assert head_module(head_only) is head_only.get_submodule("base_model.model.classifier")
-    assert head_module(build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, alpha=4))) is None
+    assert (
+        head_module(build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, alpha=4)))
+        is None
+    )
     frozen = build_model(tiny_bert, num_labels=2, lora=HEAD)
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -11,7 +11,7 @@ from shared.model_spec import LoraSpec
 
 @pytest.mark.parametrize("pooling", ["mean-l2", "mean"])
 def test_mean_pooling_ignores_padding(tiny_bert: str, pooling: str) -> None:
-    model = build_model(tiny_bert, num_labels=3, lora=LoraSpec(r=2), pooling=pooling)
+    model = build_model(tiny_bert, num_labels=3, lora=LoraSpec(trainable="lora+head", r=2), pooling=pooling)
     model.eval()
     tok = load_tokenizer(tiny_bert)
     short = tok(["view iphone 12 手机 5999"], return_tensors="pt")
@@ -32,7 +32,7 @@ def test_mean_pooling_ignores_padding(tiny_bert: str, pooling: str) -> None:
 
 @pytest.mark.parametrize("pooling", ["mean-l2", "mean", "cls"])
 def test_only_lora_and_head_are_trainable(tiny_bert: str, pooling: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2), pooling=pooling)
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2), pooling=pooling)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
     assert any("lora_B" in n for n in trainable) and any("classifier" in n for n in trainable)
@@ -40,16 +40,16 @@ def test_only_lora_and_head_are_trainable(tiny_bert: str, pooling: str) -> None:
 
 def test_unknown_pooling_is_refused(tiny_bert: str) -> None:
     with pytest.raises(ValueError, match="pooling"):
-        build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2), pooling="max")
+        build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2), pooling="max")
 
 
 def test_init_is_seeded_without_touching_the_global_rng(tiny_bert: str) -> None:
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    a = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2), init_seed=5)
+    a = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2), init_seed=5)
     assert torch.equal(torch.rand(1), expected_next)  # the global stream is untouched
-    b = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2), init_seed=5)
+    b = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2), init_seed=5)
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
 
@@ -100,7 +100,7 @@ def test_the_extractor_reads_what_the_builder_froze_and_nothing_set_on_the_model
 
 def test_ffa_a_is_the_same_everywhere_and_set_by_the_run_seed(tiny_bert: str) -> None:
     def a_matrices(init_seed: int, ffa_seed: int) -> dict[str, torch.Tensor]:
-        spec = LoraSpec(r=2, mode="ffa", ffa_seed=ffa_seed)
+        spec = LoraSpec(trainable="lora+head", r=2, mode="ffa", ffa_seed=ffa_seed)
         model = build_model(tiny_bert, num_labels=2, lora=spec, init_seed=init_seed)
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
 
@@ -140,7 +140,7 @@ def test_ffa_averaging_of_b_averages_the_products_exactly(tiny_bert: str) -> Non
     from shared.adapters import extract_adapter, load_adapter
 
     for mode, exact in (("ffa", True), ("lora", False)):
-        spec = LoraSpec(r=2, mode=mode, ffa_seed=3)
+        spec = LoraSpec(trainable="lora+head", r=2, mode=mode, ffa_seed=3)
         merchants = [_with_random_lora(tiny_bert, spec, seed) for seed in (1, 2, 3)]
         weights = [10.0, 30.0, 60.0]
         averaged = fedavg(
@@ -164,7 +164,7 @@ def test_ffa_dp_step_moves_b_and_head_but_never_a(tiny_bert: str) -> None:
     from shared.adapters import extract_adapter
     from tests.test_dp_training import encode
 
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2, mode="ffa"))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2, mode="ffa"))
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     sent_before = extract_adapter(model)
     train_dp(

@@ -65,7 +65,7 @@ def test_validate_update_rejects(update: dict[str, torch.Tensor], reason: str) -
 
 
 def test_outgoing_guard_refuses_base_weights(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(r=2))
+    model = build_model(tiny_bert, num_labels=2, lora=LoraSpec(trainable="lora+head", r=2))
     spec = AdapterSpec.of(model)
     adapter = extract_adapter(model)
     assert all("lora_" in k or "classifier" in k for k in adapter)
