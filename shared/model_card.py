@@ -36,7 +36,6 @@ PRIVACY_COLUMNS = (
     "status_last_round",
 )
 """The per-merchant figures of a provenance record the card's table (and the report's) shows."""
-"""The metrics a card lists, in this order (as `server.metrics.describe_metrics` does)."""
 
 EXACT_NAMES = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("auc", "AUC"), ("loss", "loss"))
 """A simulation's exact pooled metrics a card lists, and how people read their names."""
