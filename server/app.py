@@ -22,6 +22,33 @@ from shared.config import RunConfig
 log = logging.getLogger(__name__)
 
 NODE_WAIT_S = 600.0
+PULL_INTERVALS_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""How long the coordinator waits between asking the SuperLink for replies: soon after sending, then
+less often, at most a second. (Flower's `send_and_receive` waits 3 s between pulls in a deployment,
+so every round waited up to 3 s after its last reply.)"""
+
+
+def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None) -> list[Message]:
+    """Push `messages` and pull their replies until every one has answered or `timeout` seconds have
+    passed (None: until each answers; the SuperLink answers for a merchant that drops out)."""
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    received: list[Message] = []
+    empty = 0  # pulls in a row that brought nothing: the longer the silence, the longer the pause
+    while waiting:
+        replies = list(grid.pull_messages(waiting))
+        received.extend(replies)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in replies)
+        if not waiting:
+            break
+        empty = 0 if replies else empty + 1  # a reply came in: others may follow soon
+        pause = PULL_INTERVALS_S[min(max(empty - 1, 0), len(PULL_INTERVALS_S) - 1)]
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                break
+            pause = min(pause, max(0.0, deadline - time.monotonic()))
+        time.sleep(pause)
+    return received
 
 
 class GridFederation:
@@ -52,7 +79,7 @@ class GridFederation:
             protocol.Request(cfg.plan_record(), server_round, self.run_key, dict(adapter))
         )
         messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-        received = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        received = exchange(self.grid, messages, self.timeout)
         # Match replies to requests by message id: when a merchant drops out, the SuperLink answers
         # in its place (an error reply whose source is the SuperLink, not the merchant's node).
         node_of = {m.metadata.message_id: n for m, n in zip(messages, nodes, strict=True)}

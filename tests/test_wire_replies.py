@@ -235,17 +235,28 @@ class FakeGrid:
 
     def __init__(self, answer: Callable[[int, Message], Message]) -> None:
         self.answer = answer
+        self.pushed: list[str] = []
+        self.replies: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return [1, 2, 3, 4]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        out = []
-        for i, msg in enumerate(messages):
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             # what the merchant receives: the SuperLink has given the message an id
-            meta = _metadata(message_id=f"req-{i}", src=0, dst=node, kind=kind)
-            out.append(self.answer(node, delivered(msg.content, meta)))
+            message_id = f"req-{len(self.pushed)}"
+            self.pushed.append(message_id)
+            meta = _metadata(message_id=message_id, src=0, dst=node, kind=kind)
+            self.replies.append(self.answer(node, delivered(msg.content, meta)))
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        out = [m for m in self.replies if m.metadata.reply_to_message_id in wanted]
+        self.replies = [m for m in self.replies if all(m is not o for o in out)]
         return out
 
 
@@ -359,3 +370,60 @@ def test_the_coordinator_sends_the_plan_and_nothing_of_its_own(
     for config in received:
         assert set(config) == set(PLAN_KEYS) and not set(config) & set(COORDINATOR_ONLY_KEYS)
         assert config == cfg.plan_record()
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a Flower runtime a new Message needs the process's task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+class TrickleGrid:
+    """A SuperLink whose replies arrive one per pull from the third pull on, or never."""
+
+    def __init__(self, answers: int) -> None:
+        self.answers, self.pulls = answers, 0
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.ids = [f"req-{i}" for i, _ in enumerate(messages)]
+        return list(self.ids)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        if self.pulls < 3 or not self.answers:
+            return []
+        self.answers -= 1
+        first = sorted(message_ids)[0]
+        return [reply({}, node=1, to=first)]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_coordinator_asks_for_replies_soon_and_then_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's send_and_receive waits 3 s between pulls; `exchange` starts at 50 ms, backs off to 1 s
+    while nothing comes, and starts again from the shortest pause when a reply arrives."""
+    from server import app as server_app
+
+    pauses: list[float] = []
+    monkeypatch.setattr(server_app.time, "sleep", pauses.append)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+    grid = TrickleGrid(answers=2)
+    got = server_app.exchange(grid, messages, timeout=None)  # type: ignore[arg-type]
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["req-0", "req-1"]
+    assert pauses == [0.05, 0.1, 0.05]  # two empty pulls, a reply, then the last reply
+    assert max(server_app.PULL_INTERVALS_S) <= 1.0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_coordinator_stops_waiting_at_the_round_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import app as server_app
+
+    clock = [0.0]
+    monkeypatch.setattr(server_app.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(server_app.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    messages = [Message(RecordDict(), dst_node_id=1, message_type="train")]
+    grid = TrickleGrid(answers=0)
+    assert server_app.exchange(grid, messages, timeout=5.0) == []  # type: ignore[arg-type]
+    assert 5.0 <= clock[0] <= 5.0 + 1e-9 and grid.pulls >= 6
