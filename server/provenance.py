@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from server.metrics import row_bands
+from shared import protocol
 from shared.config import RunConfig
 from shared.model_card import NOT_REPORTED, CardOptions, cell, render_card
 from shared.noise_bands import MAX_SD, MIN_SDS
@@ -34,19 +35,26 @@ MERCHANT_KEYS = ("accountant", "privacy_unit", "noise_multiplier", "sample_rate"
 ROUND_CHARGE_KEYS = ("noise_multiplier", "sample_rate", "steps")
 """A training round's ledger charge as the merchant reported it, kept per round in `per_round`."""
 
-NOT_COVERED = [
-    "training replies: the example count, steps, sampling rate and noise multiplier (exact: together "
-    "they reveal a merchant's training-customer count up to rounding) and the round's mean training loss",
-    "training replies: the merchant's budget (max epsilon), accountant and privacy unit: its settings "
-    "and whether its data has customer ids, no count or value of its data",
-    "status, merchant id, a fixed short reason and bytes on the wire: whether and when a merchant took "
-    "part or refused is visible to the coordinator",
-    "the run config and the label space (public by design: fixed by the coordinator)",
-    "data scored with this model (`fedbehavior predict`): predictions are post-processing of the model, so "
-    "they cost the training data nothing more, but the scored customers' own data is not protected by "
-    "these epsilons",
-]
-"""What each merchant releases outside its DP accounting (README, "The privacy guarantee")."""
+
+def not_covered() -> list[str]:
+    """What a merchant releases outside its DP accounting: the reply values `shared.protocol`
+    declares public (each with why it may leave: none is computed from customers' data), and what
+    any participant shows or receives. Generated from the declarations, so the card cannot claim
+    less or more than a reply carries."""
+    public = [d for d in protocol.REPLY_FIELDS if d.kind == "public"]
+    return [
+        *(f"{' and '.join(d.replies)} replies: `{d.key}`, {d.why}" for d in public),
+        "bytes on the wire and the time of each reply: whether and when a merchant took part or refused "
+        "is visible to the coordinator",
+        "the merchants' plan and the label space (public by design: fixed by the coordinator)",
+        "data scored with this model (`fedbehavior predict`): predictions are post-processing of the "
+        "model, so they cost the training data nothing more, but the scored customers' own data is not "
+        "protected by these epsilons",
+    ]
+
+
+NOT_COVERED = not_covered()
+"""What each merchant releases outside its DP accounting (the privacy guarantee page)."""
 
 EVALUATION_SET = (
     "federated evaluation on each sampled merchant's held-out customers (never trained on), one example "

@@ -103,7 +103,7 @@ REPLY_FIELDS: tuple[Declared, ...] = (
         "epsilon",
         _BOTH,
         "public",
-        "the ledger's ε: composition of charges whose parameters are public or DP (below)",
+        "the ledger's ε: composition of charges whose parameters are public or DP releases",
     ),
     Declared(METRICS, "delta", _BOTH, "public", "the merchant's own setting"),
     Declared(METRICS, "max_epsilon", (TRAIN,), "public", "the merchant's own setting"),
