@@ -285,3 +285,19 @@ def test_the_card_writer_imports_nothing_heavy() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_not_covered_is_what_the_replies_declare_public() -> None:
+    """The card's 'not covered' list names every public reply value and nothing a reply no longer
+    carries (an exact example count, a training loss)."""
+    from server.provenance import not_covered
+    from shared.protocol import REPLY_FIELDS
+
+    items = not_covered()
+    for field in (d for d in REPLY_FIELDS if d.kind == "public"):
+        assert any(f"`{field.key}`" in item for item in items), field.key
+    assert not any("loss" in item or "example count" in item for item in items)
+    dp_keys = {d.key for d in REPLY_FIELDS if d.kind == "dp"} - {
+        d.key for d in REPLY_FIELDS if d.kind == "public"
+    }
+    assert not any(f"`{key}`" in item for key in dp_keys for item in items)
