@@ -24,7 +24,7 @@ from client.ingest.data import Encoder, MerchantData, load_events
 from client.training.loop import DPSettings, TrainSettings, customer_groups, train_dp
 from shared.config import RunConfig
 from shared.model import build_model, load_tokenizer, resolve_backbone, resolve_device
-from shared.synthetic import generate_merchant
+from simulations.synthetic import generate_merchant
 
 
 def merchants(n: int, customers: int, seed: int, cfg: RunConfig) -> list[MerchantData]:

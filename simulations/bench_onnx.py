@@ -5,7 +5,7 @@
 
 Model: the run config's default (the packaged MiniLM-L6, max-length 48, unit-length mean pooling,
 purchase-intent, head mode: LoRA frozen at B = 0). Data: one synthetic merchant
-(`shared.synthetic`, seed 7) built into examples as training builds them. Its head is trained here
+(`simulations.synthetic`, seed 7) built into examples as training builds them. Its head is trained here
 without DP (logistic regression on eager features of the training customers), so that the AUC
 compares scores a trained model gives.
 
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     from shared.config import RunConfig
     from shared.metrics import roc_auc
     from shared.model import build_model, load_tokenizer
-    from shared.synthetic import ensure_merchant
     from shared.trained import load_trained
     from simulations.bench_serve import saturated, sessions, start_server
+    from simulations.synthetic import ensure_merchant
 
     check_runtime("onnx-int8")
     threads = args.threads or default_threads()

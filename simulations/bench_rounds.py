@@ -43,8 +43,8 @@ from client.training.feature_cache import open_cache
 from server.coordinator import Coordinator, Reply
 from shared.adapters import AdapterState
 from shared.config import RunConfig
-from shared.synthetic import ensure_merchant
 from simulations.inprocess import InProcessFederation
+from simulations.synthetic import ensure_merchant
 
 
 class TimedFederation(InProcessFederation):

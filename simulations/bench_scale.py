@@ -6,7 +6,7 @@ and against merchants, in one run, with the curves drawn to PNG.
         [--backbone small] [--device auto] [--threads 1] [--out docs] [--json FILE] [--quick]
     .venv/bin/python -m simulations.bench_scale --from-json FILE --out docs   # redraw a run
 
-Customers axis: ONE synthetic merchant (`shared.synthetic`, `base_customers` = N; its real count is
+Customers axis: ONE synthetic merchant (`simulations.synthetic`, `base_customers` = N; its real count is
 N × 0.8–1.25), its rounds run directly through the training core without Flower
 (`client.merchant.evaluate_round` / `train_round`, the merchant's own settings, ledger and feature
 cache), as a Flower run would call them: round 0 = the initial evaluation (a fresh process: model,
@@ -294,7 +294,7 @@ def customers_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def generate_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """The synthetic shop of `base` customers (seed 7, merchant 0); kept in a kept --workdir, with the
     time it took to generate."""
-    from shared.synthetic import generate_merchant
+    from simulations.synthetic import generate_merchant
 
     folder = Path(spec["data"])
     record = folder / "generated.json"

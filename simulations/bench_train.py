@@ -24,8 +24,8 @@ from client.ingest.encoded import Encoded
 from client.training.loop import DPSettings, TrainSettings, make_optimizer, train_dp
 from shared.model import build_model, load_tokenizer, resolve_backbone, resolve_device
 from shared.model_spec import LoraSpec
-from shared.synthetic import generate_merchant
 from shared.tasks import get_task
+from simulations.synthetic import generate_merchant
 
 
 def examples(n: int, backbone: str, max_length: int) -> Encoded:

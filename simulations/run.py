@@ -18,8 +18,8 @@ from client.settings import MerchantSettings
 from server.app import build_server_app, resolve_paths
 from server.metrics import MetricsLog
 from shared.config import RunConfig
-from shared.synthetic import ensure_merchant
 from simulations.exact import exact_rounds, format_table
+from simulations.synthetic import ensure_merchant
 
 if TYPE_CHECKING:
     from flwr.app import Context

@@ -69,7 +69,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 def shop(tmp_path: Path) -> Path:
     """A synthetic merchant folder of about 60 customers (seed 3, merchant 0): data and settings.
     A module that needs another size defines its own `shop`."""
-    from shared.synthetic import generate_merchant
+    from simulations.synthetic import generate_merchant
 
     generate_merchant(3, 0, tmp_path / "m0", base_customers=60)
     return tmp_path / "m0"

@@ -17,7 +17,7 @@ from client.daemon.trust import AppBundle
 from server.deploy import CoordinatorHome, app_dir
 from shared.daemon import free_port
 from shared.pki import DevCertificates, make_dev_certificates
-from shared.synthetic import generate_merchant
+from simulations.synthetic import generate_merchant
 
 
 class Deployment:

@@ -25,7 +25,7 @@ from client.settings import MerchantSettings
 from shared import protocol
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
-from shared.synthetic import generate_merchant
+from simulations.synthetic import generate_merchant
 from tests.test_wire_replies import _metadata, delivered
 
 MERCHANT_ID = "shop"  # the same id (the split's salt) for D and its neighbour: the same split

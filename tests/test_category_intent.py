@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import top_k_accuracy_score
 
-from shared.catalog import CATEGORIES
 from shared.config import RunConfig
 from shared.metrics import top_k_accuracy
 from shared.schema import Behavior, Event
 from shared.tasks import DEFAULT_CATEGORIES, NEXT_CUT, _cut_position, category_intent, get_task
+from simulations.catalog import CATEGORIES
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
@@ -81,7 +81,7 @@ def test_top_k_accuracy_matches_sklearn() -> None:
 
 def test_time_split_keeps_the_future_out_of_training(tmp_path) -> None:
     from client.ingest.data import MerchantData, load_events
-    from shared.synthetic import generate_merchant
+    from simulations.synthetic import generate_merchant
 
     generate_merchant(5, 1, tmp_path, base_customers=80)
     events, report = load_events(tmp_path, tmp_path / "state")

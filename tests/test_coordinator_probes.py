@@ -332,8 +332,8 @@ def test_a_simulated_merchant_admits_the_simulations_backbone(tmp_path: Path) ->
     from flwr.app import Context, RecordDict
 
     from client.app import node_settings
-    from shared.synthetic import ensure_merchant
     from simulations.run import SimulatedMerchants
+    from simulations.synthetic import ensure_merchant
 
     ensure_merchant(7, 0, tmp_path / "merchant-0", base_customers=20)
     simulated = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})

@@ -22,7 +22,7 @@ from shared.adapters import extract_adapter
 from shared.config import RunConfig
 from shared.model import build_model, load_tokenizer
 from shared.model_spec import LoraSpec
-from shared.synthetic import generate_merchant
+from simulations.synthetic import generate_merchant
 
 CPU = torch.device("cpu")
 HEAD = LoraSpec(r=2, alpha=4, trainable="head")

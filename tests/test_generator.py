@@ -7,7 +7,7 @@ from pathlib import Path
 
 from client.ingest.data import load_events
 from shared.schema import Behavior
-from shared.synthetic import EVENTS_FILE, SETTINGS_FILE, generate_merchant, merchant_profile
+from simulations.synthetic import EVENTS_FILE, SETTINGS_FILE, generate_merchant, merchant_profile
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

@@ -30,9 +30,9 @@ from client.settings import MerchantSettings
 from client.training.loop import predict
 from shared.adapters import extract_adapter
 from shared.config import RunConfig
-from shared.synthetic import generate_merchant
 from shared.tasks import one_per_customer
 from shared.trained import load_trained
+from simulations.synthetic import generate_merchant
 from tests.tiny import small_config
 
 CPU = torch.device("cpu")

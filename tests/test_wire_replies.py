@@ -25,7 +25,7 @@ from server.app import GridFederation, decode_reply
 from server.coordinator import Coordinator
 from shared import protocol
 from shared.config import RunConfig
-from shared.synthetic import generate_merchant
+from simulations.synthetic import generate_merchant
 
 SECRET = "31 customers in /srv/shop/events.jsonl"  # what an exception's text may quote
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from shared.catalog import BROWSE_QUERY_WORDS, CATEGORIES, INTENT_QUERY_WORDS, REVIEW_TEXTS
 from shared.config import RunConfig
 from shared.schema import Behavior
+from simulations.catalog import BROWSE_QUERY_WORDS, CATEGORIES, INTENT_QUERY_WORDS, REVIEW_TEXTS
 
 
 def _words() -> list[str]:

@@ -461,7 +461,7 @@ def prepare(data: str, merchants: int, out: Path, cfg: RunConfig) -> list[Path]:
     (the run config's `sim-seed` and `sim-customers`, as `fedbehavior simulate` generates them)."""
     root = out / "merchants"
     if data == "synthetic":
-        from shared.synthetic import ensure_merchant
+        from simulations.synthetic import ensure_merchant
 
         return [
             ensure_merchant(cfg.sim_seed, i, root / f"merchant-{i}", base_customers=cfg.sim_customers)

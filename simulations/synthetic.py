@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from shared.catalog import BROWSE_QUERY_WORDS, CATEGORIES, INTENT_QUERY_WORDS, REVIEW_TEXTS
 from shared.fileio import atomic_write_bytes, atomic_write_json
+from simulations.catalog import BROWSE_QUERY_WORDS, CATEGORIES, INTENT_QUERY_WORDS, REVIEW_TEXTS
 
 EVENTS_FILE = "events.jsonl"
 SETTINGS_FILE = "merchant.json"
