@@ -6,6 +6,8 @@ Row format (a contract): {"round", "time_s", "global": {"accuracy", "macro_f1", 
 "sample_rate", "steps", "max_epsilon", "accountant", "privacy_unit", "evaluation": {"status",
 "accuracy", …}, "local_baseline"?: {…}}}}.
 Round 0 is the evaluation of the initial, untrained adapter (its merchants have status "evaluated").
+A later round lists the merchants sampled to train, and with status "evaluated" every merchant whose
+evaluation it charged without training it, so each merchant's last epsilon is on the record.
 The DP parameters (`train_entry`) are the merchant's report of its round's ledger charge; null when
 the merchant sent none (a refusal) or sent one out of range.
 
