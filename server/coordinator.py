@@ -119,7 +119,6 @@ class Coordinator:
             pooling=cfg.pooling,
         )
         self.rng = random.Random(cfg.seed)
-        self.last_status: dict[str, dict[str, Any]] = {}
         self.policy = RobustPolicy.of(cfg)
         self.round_state = RoundState(cfg, self.paths.checkpoints)  # server optimizer + norm history
 
@@ -136,12 +135,11 @@ class Coordinator:
         t0 = time.monotonic()
         if start == 1:
             self._evaluate(adapter, 0, {}, t0)
-        last: dict[str, Any] = {}
         for server_round in range(start, self.cfg.num_rounds + 1):
             adapter, merchants = self._train(adapter, server_round)
             save_checkpoint(self.paths.checkpoints, server_round, adapter, {"run": self.paths.root.name})
-            last = self._evaluate(adapter, server_round, merchants, t0)
-        export_final(self.model, adapter, self.paths.final, self.cfg, last, self.last_status)
+            self._evaluate(adapter, server_round, merchants, t0)
+        export_final(self.model, adapter, self.paths.final, self.cfg)
         return self.paths.root
 
     def _fail(self, server_round: int, what: str, merchants: dict[str, dict[str, Any]]) -> NoReturn:
@@ -193,7 +191,6 @@ class Coordinator:
         for name, reason in screening.rejected.items():
             merchants[name]["status"] = REJECTED
             log.warning("round %d: update of %s rejected: %s", server_round, name, reason)
-        self.last_status.update({k: dict(v) for k, v in merchants.items()})
         if not screening.accepted:
             self._fail(server_round, "no merchant produced a usable update", merchants)
         new_adapter = self.round_state.optimizer.step(
@@ -217,9 +214,6 @@ class Coordinator:
                 "no merchant returned an evaluation",
                 {r.name: {"status": r.status, "reason": r.reason} for r in received},
             )
-        for r in answered:  # evaluation also reports each merchant's current epsilon
-            entry = self.last_status.setdefault(r.name, {"status": "-"})
-            entry.update(epsilon=r.metrics.get("epsilon"), delta=r.metrics.get("delta"))
         pooled, own = pool_evaluations(
             {r.name: r.histograms for r in replies},
             cfg.task_spec.num_labels,

@@ -4,11 +4,10 @@ the model card rendered from that record (`shared.model_card`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from server.provenance import provenance_record, read_exact, read_rows, write_provenance
+from server.provenance import privacy_record, write_provenance
 from shared.adapters import AdapterState, load_adapter
 from shared.config import RunConfig
 from shared.fileio import atomic_write_json
@@ -24,28 +23,18 @@ def export_final(
     adapter: AdapterState,
     folder: Path,
     cfg: RunConfig,
-    last_row: dict[str, Any] | None = None,
-    epsilons: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Save `adapter` with `save_pretrained` (loadable by `PeftModel.from_pretrained`), the run config,
     the provenance record `privacy.json`, and `README.md` rendered from that record.
 
     The record is built from data only, as `server.provenance.privacy_record` builds it: the run
-    folder's (`folder.parent`) `metrics.jsonl` and `exact-metrics.jsonl`, and `cfg`. A caller that
-    writes `metrics.jsonl` only afterwards (a benchmark, a test fixture) gets the record of `last_row`
-    alone. `epsilons` is not read: each merchant's figures come from the metrics rows (the parameter
-    stays for the callers that pass the coordinator's last statuses)."""
+    folder's (`folder.parent`) `metrics.jsonl` and `exact-metrics.jsonl`, and `cfg`."""
     load_adapter(model, adapter)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))  # type: ignore[operator]
     # machine-readable: predict and the merged export read task, labels, backbone, pooling from it
     atomic_write_json(folder / RUN_CONFIG_FILE, cfg.to_record())
-    run_dir = folder.parent
-    if (run_dir / "metrics.jsonl").exists():
-        rows = read_rows(run_dir)
-    else:
-        rows = [last_row] if last_row and "round" in last_row else []
-    record = provenance_record(run_dir.resolve().name, rows, cfg, read_exact(run_dir))
+    record = privacy_record(folder.parent, cfg)
     write_provenance(folder, record, CardOptions(kind=FINAL, loading=tuple(loading(cfg))))
     return folder
 

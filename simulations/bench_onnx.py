@@ -102,8 +102,9 @@ def export_model(model: torch.nn.Module, cfg: Any, folder: Path) -> Path:
     from shared.adapters import extract_adapter
 
     row = {"round": 0, "time_s": 0.0, "global": {}, "merchants": {}}
-    export_final(model, extract_adapter(model), folder / "run" / "final", cfg, row, {})
+    (folder / "run").mkdir(parents=True, exist_ok=True)
     (folder / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    export_final(model, extract_adapter(model), folder / "run" / "final", cfg)
     return export_run(folder / "run", folder / "export")
 
 

@@ -97,8 +97,9 @@ def default_model(folder: Path) -> Path:
         torch.manual_seed(0)  # some adapter values, so that the merge is not a no-op
         adapter = {k: torch.randn_like(v) * 0.01 for k, v in extract_adapter(model).items()}
     row = {"round": 0, "time_s": 0.0, "global": {}, "merchants": {}}
-    export_final(model, adapter, folder / "run" / "final", cfg, row, {})
+    (folder / "run").mkdir(parents=True, exist_ok=True)
     (folder / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    export_final(model, adapter, folder / "run" / "final", cfg)
     return export_run(folder / "run", folder / "export")
 
 

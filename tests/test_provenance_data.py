@@ -179,10 +179,7 @@ def test_export_final_writes_the_record_then_the_card_from_it(tiny_bert: str, tm
     rows = hand_rows()
     write_run(run, rows)
     model = build_model(tiny_bert, num_labels=2, lora=cfg.lora, pooling=cfg.pooling)
-    # the coordinator's last statuses are not read: a merchant only they name does not reach the record
-    final = final_export.export_final(
-        model, extract_adapter(model), run / "final", cfg, rows[-1], {"ghost": {}}
-    )
+    final = final_export.export_final(model, extract_adapter(model), run / "final", cfg)
     record = json.loads((final / PRIVACY_FILE).read_text())
     assert record == json.loads(json.dumps(privacy_record(run, cfg))) and set(record["merchants"]) == {
         "a",
@@ -194,9 +191,11 @@ def test_export_final_writes_the_record_then_the_card_from_it(tiny_bert: str, tm
     (final / "README.md").unlink()
     assert json.loads(json.dumps(privacy_record(run, cfg))) == record
 
-    # a caller that writes metrics.jsonl afterwards: the record of the row it passes
+    # the record is the run folder's rows, whatever they hold: here, a run stopped after round 1
     lone = tmp_path / "lone"
-    final_export.export_final(model, extract_adapter(model), lone / "final", cfg, rows[1], {})
+    lone.mkdir()
+    (lone / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    final_export.export_final(model, extract_adapter(model), lone / "final", cfg)
     record = json.loads((lone / "final" / PRIVACY_FILE).read_text())
     assert record["rounds"]["completed"] == 1 and record["merchants"]["a"]["epsilon"] == 1.75
     assert record["merchants"]["b"]["steps"] == 4 and "exact" not in record["metrics"]
