@@ -19,21 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import server.modeling_fedbehavior as modeling
-from server.provenance import PRIVACY_FILE, privacy_record, write_provenance
+from server.provenance import privacy_record, write_provenance
 from shared.config import RunConfig
 from shared.model import MEAN_POOLINGS
 from shared.model_card import EXPORT, CardOptions
 from shared.trained import ADAPTER_CONFIG, EXPORT_KEY, load_trained, quietly, read_run_config
-
-__all__ = [
-    "EXPORT_CONFIG_KEYS",
-    "MODELING_FILE",
-    "PRIVACY_FILE",
-    "cmd_export",
-    "export_run",
-    "loading",
-    "merge_to",
-]
 
 MODELING_FILE = "modeling_fedbehavior.py"
 EXPORT_CONFIG_KEYS = (

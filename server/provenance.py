@@ -53,9 +53,6 @@ def not_covered() -> list[str]:
     ]
 
 
-NOT_COVERED = not_covered()
-"""What each merchant releases outside its DP accounting (the privacy guarantee page)."""
-
 EVALUATION_SET = (
     "federated evaluation on each sampled merchant's held-out customers (never trained on), one example "
     "per customer; the coordinator pools the merchants' noisy count histograms (a Gaussian mechanism "
@@ -194,7 +191,7 @@ def provenance_record(
         "clipping_norm_source": f"run config max-grad-norm ({run_cfg}): the clip merchants train with",
         "rounds": {"planned": cfg.num_rounds if cfg else None, "completed": int(last["round"])},
         "merchants": {n: _merchant_record(n, rows) for n in names},
-        "not_covered": NOT_COVERED,
+        "not_covered": not_covered(),
         "metrics": {
             "round": int(last["round"]),
             "evaluation_set": EVALUATION_SET,

@@ -122,7 +122,8 @@ def training_charges(run_dir: Path, merchant: str) -> tuple[dict[str, Any], list
 @pytest.fixture(scope="module")
 def privacy(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`privacy.json` of the run's export (adapter only: the provenance is the same, no merge)."""
-    from server.hf_export import PRIVACY_FILE, export_run
+    from server.hf_export import export_run
+    from server.provenance import PRIVACY_FILE
 
     out = export_run(run_dir, tmp_path_factory.mktemp("export") / "adapter", adapter_only=True)
     return dict(json.loads((out / PRIVACY_FILE).read_text()))
