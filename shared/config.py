@@ -4,7 +4,7 @@ Keys are kebab-case, as in pyproject.toml. Unknown keys and wrong types are reje
 naming the key. The config is split by who reads it: `MerchantPlan` is what every merchant receives in
 each round's ConfigRecord (and pins for the run), so a merchant trains exactly what the coordinator
 planned, while its privacy budget stays its own; `RunConfig` adds the keys only the coordinator (or the
-simulation that plays the merchants) reads, which never leave it (`RunConfig.plan`).
+simulation that plays the merchants) reads, which never leave it (`plan_record` is what is sent).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class MerchantPlan(BaseModel):
         return self.model_dump(by_alias=True)
 
     def plan_record(self) -> dict[str, int | float | str | bool]:
-        """The plan's values only (`to_record` of `RunConfig.plan`), canonical: what is sent and pinned."""
+        """The plan's values only (no coordinator key), canonical: what is sent and pinned."""
         record = self.to_record()
         return {key: record[key] for key in sorted(PLAN_KEYS)}
 
@@ -330,7 +330,7 @@ class MerchantPlan(BaseModel):
 class RunConfig(MerchantPlan):
     """The whole run config: the merchants' plan and the keys only the coordinator reads (sampling,
     aggregation, the server optimizer, timeouts, where runs are written) or the simulation that plays
-    the merchants (`sim-*`). Only `plan()` is sent."""
+    the merchants (`sim-*`). Only `plan_record()` is sent."""
 
     fraction_train: float = Field(
         1.0, gt=0.0, le=1.0, description="share of merchants sampled per training round"
@@ -378,10 +378,6 @@ class RunConfig(MerchantPlan):
     )
     sim_customers: int = Field(500, ge=20, description="simulation: customers per synthetic merchant")
     sim_seed: int = Field(7, description="simulation: seed of the synthetic merchants' data")
-
-    def plan(self) -> MerchantPlan:
-        """What every merchant receives: this config without the coordinator's own keys."""
-        return MerchantPlan.model_validate(self.model_dump(include=set(PLAN_FIELDS)))
 
 
 PLAN_FIELDS = tuple(MerchantPlan.model_fields)

@@ -91,7 +91,7 @@ SECTIONS = (
         RunConfig,
         "Set the same ways, read only by the coordinator (sampling, aggregation, the server optimizer, "
         "timeouts, where runs are written) or by the simulation that plays the merchants (`sim-*`). They "
-        "never leave the coordinator (`RunConfig.plan()` is what is sent), so a merchant's plan does not "
+        "never leave the coordinator (`plan_record()` is what is sent), so a merchant's plan does not "
         "depend on them.",
         without=MerchantPlan,
     ),
