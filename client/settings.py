@@ -210,9 +210,7 @@ def from_node_config(node_config: Mapping[str, Any]) -> MerchantSettings:
     `merchant-id`, `data-dir`, `state-dir`, `max-epsilon`, `delta`. (A simulated merchant's settings
     come from the simulation, `simulations.run.SimulatedMerchants`.)
     """
-    keys = {
-        k.replace("-", "_"): v for k, v in node_config.items() if k not in ("partition-id", "num-partitions")
-    }
+    keys = {k.replace("-", "_"): v for k, v in node_config.items()}
     folder = keys.pop("merchant_dir", None)
     if folder is not None:
         return MerchantSettings.from_merchant_dir(Path(str(folder)), **keys)
